@@ -28,7 +28,9 @@ def validate_kv_sources(kv_sources: list[int], num_layers: int | None = None) ->
     sources = [int(s) for s in kv_sources]
     n = len(sources)
     if num_layers is not None and n != num_layers:
-        raise LayoutError(f"kv_sources has {n} entries but the model has {num_layers} layers: give one source per layer")
+        raise LayoutError(
+            f"kv_sources has {n} entries but the model has {num_layers} layers: give one source per layer"
+        )
     if n == 0:
         raise LayoutError("kv_sources is empty: give one source layer per layer")
     for i, s in enumerate(sources):
