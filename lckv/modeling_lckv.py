@@ -72,7 +72,7 @@ def lckv_masks(
     q_idx = torch.arange(past_length, kv_length, device=device)[:, None]
     kv_idx = torch.arange(kv_length, device=device)[None, :]
     if attention_mask is not None:
-        attention_mask = attention_mask.to(device=device, dtype=torch.bool)[:, -kv_length:]
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
         if attention_mask.shape[-1] != kv_length:
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[-1]} positions but the cache and input hold {kv_length}: "
