@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import REPO, tiny_llama
 from reference import reference_logits
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
@@ -302,11 +302,12 @@ def test_remote_code_loads_without_lckv_installed(base, tmp_path):
     # site-packages folders on the path, an import blocker for our package names, and a cwd outside the repo.
     import site
 
-    paths = [p for p in site.getsitepackages() if "work/main" not in p]
+    repo = str(REPO)
+    paths = [p for p in site.getsitepackages() if not p.startswith(repo)]
     prelude = textwrap.dedent(
         f"""
         import sys
-        sys.path[:] = [p for p in sys.path if p and "work/main" not in p] + {paths!r}
+        sys.path[:] = [p for p in sys.path if p and not p.startswith({repo!r})] + {paths!r}
         class _Block:
             def find_spec(self, name, path=None, target=None):
                 if name.split(".")[0] == "lckv":
