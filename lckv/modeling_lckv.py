@@ -78,7 +78,6 @@ def lckv_masks(
                 f"attention_mask covers {attention_mask.shape[-1]} positions but the cache and input hold {kv_length}: "
                 "pass a 2-D mask over past + new tokens"
             )
-    no_padding = attention_mask is None or bool(attention_mask.all())
     out = {}
     kinds = {"causal": kv_idx <= q_idx}
     if need_strict:
@@ -86,7 +85,7 @@ def lckv_masks(
     for name, allowed in kinds.items():
         if (
             name == "causal"
-            and no_padding
+            and attention_mask is None
             and attn_implementation == "sdpa"
             and (query_length == 1 or past_length == 0)
         ):
@@ -95,13 +94,18 @@ def lckv_masks(
         allowed = allowed[None, None, :, :].expand(batch_size, 1, query_length, kv_length)
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, :]
-        visible = allowed.any(-1).transpose(1, 2)[..., None]  # [B, q, 1, 1]
+        # rows that see no key (strict rows at a sequence's first token, padding rows); checked without a device sync
+        visible = None
+        if attention_mask is not None or (name == "strict" and past_length == 0):
+            visible = allowed.any(-1).transpose(1, 2)[..., None]  # [B, q, 1, 1]
+        if name == "strict" and query_length == 1 and past_length > 0:
+            allowed = allowed[..., :past_length]  # decoding: a layer above has KVs of past tokens only
         if attn_implementation == "sdpa":
             mask = allowed
         else:
             mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
             mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
-        out[name] = (mask, None if bool(visible.all()) else visible)
+        out[name] = (mask, visible)
     return out
 
 
@@ -139,6 +143,16 @@ def cache_past(cache: Cache | None, slot: int) -> tuple[torch.Tensor, torch.Tens
     if not isinstance(keys, torch.Tensor) or keys.numel() == 0 or keys.shape[-2] == 0:
         return None
     return keys, layer.values
+
+
+def store_kv(cache: Cache, slot: int, keys: torch.Tensor, values: torch.Tensor, past_length: int) -> None:
+    """Store a layer's KVs over past + new tokens. The model already concatenated them, so a plain dynamic
+    layer takes the tensors as they are (no second copy); other cache layers get the new tokens via update()."""
+    layer = cache.layers[slot] if slot < len(cache.layers) else None
+    if type(layer).__name__ == "DynamicLayer" and getattr(layer, "is_initialized", False) and past_length > 0:
+        layer.keys, layer.values = keys, values
+    else:
+        cache.update(keys[..., past_length:, :], values[..., past_length:, :], slot)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -427,6 +441,8 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
                 key = value = None
             elif s < i:
                 key, value = full_kv[s]
+            elif query_length == 1 and past[s] is not None:  # decoding: a layer above holds past tokens only
+                key, value = past[s]
             else:  # a layer above: its KVs from the previous pass for the new tokens, the cache for the past
                 key, value = previous[s]
                 if past[s] is not None:
@@ -486,10 +502,9 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
             if output_hidden_states:
                 all_hidden.extend(block_hidden)
 
-        if cache is not None:  # write each KV layer's new tokens once, after its final pass
+        if cache is not None:  # write each KV layer's KVs once, after its final pass
             for layer in kv_ids:
-                key, value = full_kv[layer]
-                cache.update(key[..., past_length:, :], value[..., past_length:, :], slot[layer])
+                store_kv(cache, slot[layer], *full_kv[layer], past_length)
 
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
