@@ -4,7 +4,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_lckv import LCKVLlamaConfig
 from .layout import LayoutError, iteration_plan, kv_cache_fraction, kv_layers, parse_layout, validate_kv_sources
-from .modeling_lckv import LCKVCache, LCKVLlamaForCausalLM, LCKVLlamaModel
+from .modeling_lckv import LCKVCache, LCKVLlamaForCausalLM, LCKVLlamaModel, LCKVSinkCache
 
 AutoConfig.register(LCKVLlamaConfig.model_type, LCKVLlamaConfig, exist_ok=True)
 AutoModelForCausalLM.register(LCKVLlamaConfig, LCKVLlamaForCausalLM, exist_ok=True)
@@ -14,6 +14,7 @@ __all__ = [
     "LCKVLlamaConfig",
     "LCKVLlamaForCausalLM",
     "LCKVLlamaModel",
+    "LCKVSinkCache",
     "LayoutError",
     "iteration_plan",
     "kv_cache_fraction",

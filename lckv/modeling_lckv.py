@@ -134,6 +134,43 @@ class LCKVCache(DynamicCache):
         return total
 
 
+class LCKVSinkCache(LCKVCache):
+    """StreamingLLM cache: per KV layer, the first ``sink`` tokens plus the latest ``window`` tokens.
+
+    Positions are cache indices (StreamingLLM): a new token takes the position after the last kept one, and
+    when tokens are evicted the kept window keys are re-rotated by minus the number evicted. Keys stay rotated in
+    the cache (no RoPE work per decoding step); RoPE rotations compose, so re-rotating is exact. Because RoPE
+    attention depends on position differences only, this equals attending with un-rotated keys rotated at read
+    time. Only KV-computing layers are cached, so both savings multiply.
+    """
+
+    def __init__(self, config: LCKVLlamaConfig | None = None, sink: int = 4, window: int = 1024, **kwargs):
+        super().__init__(config, **kwargs)
+        if sink < 0 or window < 1:
+            raise ValueError(f"streaming needs sink >= 0 and window >= 1, got sink={sink}, window={window}")
+        self.sink, self.window = int(sink), int(window)
+
+    def crop_attention_mask(self, attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+        """Keep the 2-D mask columns of the kept tokens (sinks, window) and the new ones."""
+        kept = self.get_seq_length()
+        seen = attention_mask.shape[-1] - query_length
+        if seen == kept:
+            return attention_mask
+        tail = kept - min(self.sink, kept) + query_length
+        return torch.cat([attention_mask[:, : min(self.sink, kept)], attention_mask[:, -tail:]], dim=-1)
+
+    def evict(self, rotate: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
+        """Drop the oldest non-sink tokens beyond the budget; ``rotate(keys, shift)`` moves keys by ``shift``."""
+        for layer in self.layers:
+            length = layer.keys.shape[-2]
+            extra = length - self.sink - self.window
+            if extra <= 0:
+                continue
+            s = self.sink
+            layer.keys = torch.cat([layer.keys[..., :s, :], rotate(layer.keys[..., s + extra :, :], -extra)], dim=-2)
+            layer.values = torch.cat([layer.values[..., :s, :], layer.values[..., s + extra :, :]], dim=-2)
+
+
 def cache_past(cache: Cache | None, slot: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The cached (keys, values) of a slot, or None when empty."""
     if cache is None or slot >= len(cache.layers):
@@ -404,12 +441,19 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
 
         batch_size, query_length = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
+        streaming = isinstance(cache, LCKVSinkCache)
+        if streaming:  # positions are cache indices; the mask keeps the columns of kept tokens
+            position_ids = None
+            if attention_mask is not None:
+                attention_mask = cache.crop_attention_mask(attention_mask, query_length)
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + query_length, device=inputs_embeds.device)
             position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
 
         upward = any(s > i for i, s in enumerate(sources))
-        if mode == "sequential" and upward and query_length > 1:
+        # token by token: needed for exactness when a layer reads a layer above, and for a streaming cache to
+        # evict between tokens (a parallel chunk attends to all its tokens, then evicts)
+        if mode == "sequential" and (upward or streaming) and query_length > 1:
             return self._forward_sequential(
                 inputs_embeds, attention_mask, position_ids, cache, sources, output_hidden_states, **kwargs
             )
@@ -505,6 +549,8 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
         if cache is not None:  # write each KV layer's KVs once, after its final pass
             for layer in kv_ids:
                 store_kv(cache, slot[layer], *full_kv[layer], past_length)
+            if streaming:
+                cache.evict(self._shift_keys)
 
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
@@ -515,6 +561,13 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             pass_kvs=pass_kvs,
         )
+
+    def _shift_keys(self, keys: torch.Tensor, shift: int) -> torch.Tensor:
+        """Re-rotate RoPE'd keys [B, H, T, D] by ``shift`` positions."""
+        position = torch.full((1, 1), shift, device=keys.device, dtype=torch.long)
+        cos, sin = self.rotary_emb(keys, position_ids=position)
+        scale = getattr(self.rotary_emb, "attention_scaling", 1.0)  # applied once already, at projection
+        return apply_rope(keys, cos / scale, sin / scale)
 
     def _forward_sequential(
         self, inputs_embeds, attention_mask, position_ids, cache, sources, output_hidden_states, **kwargs
@@ -628,6 +681,10 @@ class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel, GenerationMixin):
             pass_kvs=outputs.pass_kvs,
         )
 
+    def streaming_cache(self, sink: int = 4, window: int = 1024) -> LCKVSinkCache:
+        """A StreamingLLM cache for ``generate(past_key_values=...)``: ``sink`` first tokens + the last ``window``."""
+        return LCKVSinkCache(self.config, sink=sink, window=window)
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """Let generate() build its default cache, then swap a default DynamicCache for a sparse LCKVCache."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
@@ -639,4 +696,11 @@ class LCKVLlamaForCausalLM(LCKVLlamaPreTrainedModel, GenerationMixin):
 LCKVLlamaConfig.register_for_auto_class()
 LCKVLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = ["LCKVCache", "LCKVLlamaForCausalLM", "LCKVLlamaModel", "LCKVLlamaPreTrainedModel", "lckv_masks"]
+__all__ = [
+    "LCKVSinkCache",
+    "LCKVCache",
+    "LCKVLlamaForCausalLM",
+    "LCKVLlamaModel",
+    "LCKVLlamaPreTrainedModel",
+    "lckv_masks",
+]

@@ -26,11 +26,20 @@ def _rope(x, pos, head_dim, theta):
 
 
 @torch.no_grad()
-def reference_logits(model, input_ids: torch.Tensor, kv_sources: list[int], real: torch.Tensor | None = None):
+def reference_logits(
+    model,
+    input_ids: torch.Tensor,
+    kv_sources: list[int],
+    real: torch.Tensor | None = None,
+    sink: int | None = None,
+    window: int | None = None,
+):
     """Logits [B, T, V] of an LCKV model computed straight from the definition.
 
     ``model`` is an LCKVLlamaForCausalLM (only its weights are read). ``real`` [B, T] marks real tokens
-    (left padding = 0): pads are skipped as keys and positions count real tokens only.
+    (left padding = 0): pads are skipped. Keys are kept un-rotated and rotated at read time by their index in
+    the kept list, the query by the number of tokens kept before it. With ``sink``/``window`` (StreamingLLM)
+    each layer keeps its first ``sink`` tokens and latest ``window`` tokens after every token.
     """
     cfg = model.config
     L = cfg.num_hidden_layers
@@ -44,19 +53,19 @@ def reference_logits(model, input_ids: torch.Tensor, kv_sources: list[int], real
     layers = model.model.layers
     out = torch.zeros(B, T, cfg.vocab_size)
     for b in range(B):
-        kv = {i: [] for i in range(L)}  # layer -> list of (k [Hkv, D], v [Hkv, D]) of real tokens so far
-        pos = 0
+        kv = {i: [] for i in range(L)}  # layer -> list of (raw k [Hkv, D], v [Hkv, D]) of kept real tokens
         for t in range(T):
             if not real[b, t]:
                 continue
             x = model.model.embed_tokens.weight[input_ids[b, t]].clone()
+            pos = len(kv[kv_sources[0]])  # tokens kept before this one (every KV layer keeps the same count)
             for i in range(L):
                 layer = layers[i]
                 att = layer.self_attn
                 h = _rms(x, layer.input_layernorm.weight, eps)
                 q = _rope((att.q_proj.weight @ h).view(H, D), pos, D, theta)
                 if i in set(kv_sources):
-                    k = _rope((att.k_proj.weight @ h).view(Hkv, D), pos, D, theta)
+                    k = (att.k_proj.weight @ h).view(Hkv, D)
                     v = (att.v_proj.weight @ h).view(Hkv, D)
                     kv[i].append((k, v))
                 s = kv_sources[i]
@@ -64,7 +73,7 @@ def reference_logits(model, input_ids: torch.Tensor, kv_sources: list[int], real
                 if len(keys) == 0:
                     a = torch.zeros(H * D)
                 else:
-                    K = torch.stack([k for k, _ in keys])  # [n, Hkv, D]
+                    K = torch.stack([_rope(k, n, D, theta) for n, (k, _) in enumerate(keys)])  # [n, Hkv, D]
                     V = torch.stack([v for _, v in keys])
                     rep = H // Hkv
                     K = K.repeat_interleave(rep, dim=1)
@@ -80,5 +89,8 @@ def reference_logits(model, input_ids: torch.Tensor, kv_sources: list[int], real
                 )
             x = _rms(x, model.model.norm.weight, eps)
             out[b, t] = model.lm_head.weight @ x
-            pos += 1
+            if window is not None:
+                for i in kv:
+                    if len(kv[i]) > sink + window:
+                        kv[i] = kv[i][:sink] + kv[i][len(kv[i]) - window :]
     return out
