@@ -137,6 +137,51 @@ def main() -> None:
             }
         )
     res["speed"] = speed
+    # 4. TTFT by prefill mode (batch 1, 512-token prompt), and the largest batch that fits a memory budget
+    sand = convert(big, "sandwich:2", "sdpa", torch.bfloat16, dev)
+    prompt = torch.randint(0, 32000, (1, 512), device=dev)
+    ttft = {}
+    for name, model, mode in [
+        ("llama", llama, None),
+        ("sandwich:2", sand, "iterative"),
+        ("sandwich:2", sand, "converge"),
+        ("sandwich:2", sand, "sequential"),
+    ]:
+        kw = {} if mode is None else {"prefill_mode": mode}
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model(prompt, **kw)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        ttft[f"{name}/{mode or 'parallel'}"] = sorted(times)[2]
+    res["ttft_512_s"] = ttft
+    budget_gb = 12
+    torch.cuda.set_per_process_memory_fraction(budget_gb * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    maxb = []
+    for name, model in [("llama", llama), ("sandwich:2", sand)]:
+        best = None
+        batch = 16
+        while batch <= 4096:
+            try:
+                torch.cuda.empty_cache()
+                ids = torch.randint(0, 32000, (batch, 512), device=dev)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False)
+                torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                best = {"model": name, "max_batch_pow2": batch, "tokens_per_s": batch * 128 / dt, "seconds": dt}
+                batch *= 2
+            except torch.cuda.OutOfMemoryError:
+                break
+        maxb.append(best)
+        torch.cuda.empty_cache()
+    res["max_batch_in_budget"] = {"budget_gb": budget_gb, "prompt": 512, "new": 128, "rows": maxb}
+    print(ttft)
+    print(maxb)
     for r in rows + speed:
         print(r)
     Path(args.out).write_text(json.dumps(res, indent=2))
