@@ -122,7 +122,7 @@ def main() -> None:
         ttft = time.perf_counter() - t0
         cache = out.past_key_values
         nbytes = sum(
-            l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers if l.keys is not None and l.keys.numel()
+            c.keys.numel() * c.keys.element_size() * 2 for c in cache.layers if c.keys is not None and c.keys.numel()
         )
         speed.append(
             {
