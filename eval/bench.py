@@ -340,17 +340,17 @@ def max_batch(
     budget_bytes: int,
     length: int,
     kv_per_token: float,
-    steps: int = 2,
+    steps: int = 4,
     repeats: int = 3,
-    measure_steps: int = 4,
     max_batch_cap: int = 1 << 16,
 ) -> dict[str, Any]:
     """Largest batch whose decode at ``length`` total tokens fits ``budget_bytes``, by binary search.
 
-    CPU: a batch fits when weights + the measured peak of filling its cache and decoding ``steps`` tokens is within
-    the budget. CUDA: a batch fits when that runs without OOM under a per-process memory cap of the budget.
-    The search starts from the KV-only bound and stops at 1 % resolution (recorded as ``resolution``). The decode
-    throughput at the found batch is the median of ``repeats`` runs of ``measure_steps`` decode steps.
+    Each probe fills a cache for the batch up to ``length - steps`` tokens and decodes ``steps`` tokens. CPU: the
+    batch fits when weights + the probe's measured peak is within the budget. CUDA: when the probe runs without
+    OOM under a per-process memory cap of the budget. The search starts near the KV-only bound and stops at 1 %
+    resolution (``resolution``). The decode throughput at the found batch is the median of the fitting probe and
+    ``repeats - 1`` more runs; ``peak_bytes`` is that fitting probe's.
     """
     device = bm.device
     weights = weight_bytes(bm.model)
@@ -376,8 +376,8 @@ def max_batch(
         probes.append({**p, "fits": ok, "total_bytes": None if cuda else weights + (p["peak_bytes"] or 0)})
         return ok
 
+    upper_bound = int((budget_bytes - weights) // max(1.0, kv_per_token * length))  # KV alone, no activations
     try:
-        upper_bound = int((budget_bytes - weights) // max(1.0, kv_per_token * length))  # KV alone, no activations
         bar = tqdm(desc=f"max batch {bm.name}", unit="probe", leave=False)
         lo, hi = 0, min(max(1, upper_bound) + 1, max_batch_cap + 1)  # invariant: lo fits (or 0), hi does not
         guess = max(1, int(upper_bound * 0.9))
@@ -390,28 +390,30 @@ def max_batch(
                 hi = mid
             bar.update(1)
         bar.close()
+        result: dict[str, Any] = {
+            "model": bm.name,
+            "budget_bytes": budget_bytes,
+            "length": length,
+            "decode_steps": steps,
+            "weights_bytes": weights,
+            "method": "cuda-oom" if cuda else "cpu-rss",
+            "max_batch": lo,
+            "kv_only_bound": upper_bound,
+            "resolution": max(1, lo // 100),
+            "probes": probes,
+            "decode_tokens_per_s": None,
+            "peak_bytes": None,
+            "kv_cache_bytes": None,
+        }
+        if lo >= 1:
+            best = [p for p in probes if p["batch"] == lo and p["fits"]][-1]
+            runs = [best] + [serve_probe(bm, tokens, lo, length, steps, base_cache) for _ in range(repeats - 1)]
+            result["decode_tokens_per_s"] = _median([r["tokens_per_s"] for r in runs])
+            result["peak_bytes"] = best["peak_bytes"]
+            result["kv_cache_bytes"] = int(kv_per_token * lo * length)
     finally:
         if cuda:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
-    result: dict[str, Any] = {
-        "model": bm.name,
-        "budget_bytes": budget_bytes,
-        "length": length,
-        "weights_bytes": weights,
-        "method": "cuda-oom" if cuda else "cpu-rss",
-        "max_batch": lo,
-        "kv_only_bound": upper_bound,
-        "resolution": max(1, lo // 100),
-        "probes": probes,
-        "decode_tokens_per_s": None,
-        "peak_bytes": None,
-    }
-    if lo >= 1:
-        final_cache = _prefilled_cache(bm, tokens, length - measure_steps)
-        runs = [serve_probe(bm, tokens, lo, length, measure_steps, final_cache) for _ in range(repeats)]
-        result["decode_tokens_per_s"] = _median([r["tokens_per_s"] for r in runs])
-        result["peak_bytes"] = _median([r["peak_bytes"] for r in runs])
-        result["kv_cache_bytes"] = int(kv_per_token * lo * length)
     return result
 
 
