@@ -120,7 +120,8 @@ def converted_checkpoint(recipe: Recipe, output_dir: Path, dtype: torch.dtype) -
         p = local_path(recipe, m.path)
         return p if p is not None else Path(m.path)
     dest = output_dir / "converted"
-    want = {"source": m.path, "warmup": m.warmup, "kv_init": m.kv_init}
+    want = {"source": m.path, "warmup": m.warmup, "kv_init": m.kv_init, "forward_passes": recipe.lckv.forward_passes,
+            "backward_passes": recipe.lckv.backward_passes}  # fmt: skip
     marker = dest / CONVERTED_MARKER
     if marker.is_file():
         have = json.loads(marker.read_text())
@@ -150,6 +151,13 @@ def converted_checkpoint(recipe: Recipe, output_dir: Path, dtype: torch.dtype) -
     except ConvertError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(f"`model.path`/`model.warmup`: conversion failed: {e}") from None
+    # the pass counts trained with become the checkpoint's, so the adapter's base computes what was trained
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    for k in ("forward_passes", "backward_passes"):
+        if getattr(recipe.lckv, k) is not None:
+            cfg[k] = getattr(recipe.lckv, k)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
     (tmp / CONVERTED_MARKER).write_text(json.dumps(want, indent=2))
     try:
         tmp.rename(dest)

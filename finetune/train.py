@@ -456,7 +456,7 @@ def final_report(model_dir: Path, recipe: Recipe, held_out_files: list[str], out
 
 def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
     """Run a validated recipe end to end; returns the results (also written to output/results.json)."""
-    from transformers import AutoTokenizer, default_data_collator
+    from transformers import AutoTokenizer, default_data_collator, set_seed
     from transformers import logging as hf_logging
 
     wall0 = time.time()
@@ -496,6 +496,7 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
     device_map = None
     if recipe.method.type == "qlora" and ds_config is None:
         device_map = {"": args.device.index or 0} if on_gpu else {"": "cpu"}
+    set_seed(recipe.train.seed)  # LoRA initialization draws random numbers: same recipe, same start
     model = load_student(recipe, ckpt, dtype, device_map)
     model = apply_method(model, recipe, recipe.train.gradient_checkpointing)
     trainable, total, patterns = trainable_summary(model)
