@@ -83,12 +83,10 @@ def lckv_masks(
     if need_strict:
         kinds["strict"] = kv_idx < q_idx
     for name, allowed in kinds.items():
-        if (
-            name == "causal"
-            and attention_mask is None
-            and attn_implementation == "sdpa"
-            and (query_length == 1 or past_length == 0)
-        ):
+        if attention_mask is None and query_length == 1 and past_length > 0:
+            out[name] = (None, None)  # decoding without padding: every key in view is visible (fast kernels)
+            continue
+        if name == "causal" and attention_mask is None and attn_implementation == "sdpa" and past_length == 0:
             out[name] = (None, None)  # the kernel's own causal path is exact here (and fastest)
             continue
         allowed = allowed[None, None, :, :].expand(batch_size, 1, query_length, kv_length)
