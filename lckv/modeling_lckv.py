@@ -377,8 +377,12 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    routing_kv_sources: list[int] | None = None  # set per step by random-routing training (train mode only)
+
     def _resolve_sources(self, kv_sources: list[int] | None) -> list[int]:
-        """The layout of this call: the config's, or a per-call one (random routing) checked against the weights."""
+        """The layout of this call: a per-call one, the routing draw of this training step, or the config's."""
+        if kv_sources is None and self.training and self.routing_kv_sources is not None:
+            kv_sources = self.routing_kv_sources
         if kv_sources is None:
             return self.config.kv_sources
         sources = [int(s) for s in kv_sources]
