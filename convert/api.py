@@ -106,8 +106,12 @@ def convert(
     dtype: str | None = None,
     command: str | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    check_tokens: int = 256,
 ) -> ConvertResult:
-    """Like ``convert_checkpoint`` but returns a ConvertResult; ``command`` is recorded in the card."""
+    """Like ``convert_checkpoint`` but returns a ConvertResult.
+
+    ``command`` is recorded in the card; ``check_tokens`` is how much of the built-in text ``check`` scores.
+    """
     t0 = time.time()
     output_dir = Path(output_dir).expanduser()
     _check_output(output_dir, overwrite)
@@ -200,7 +204,7 @@ def convert(
 
             result_check = None
             if check:
-                result_check = _run_check(source, reader, tmp, side, trust_remote_code)
+                result_check = _run_check(source, reader, tmp, side, trust_remote_code, check_tokens)
                 if result_check is not None:
                     append_results(tmp, "Conversion check (before fine-tuning)", result_check.rows())
             _move_into_place(tmp, output_dir)
@@ -361,7 +365,7 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
         tmp.rename(output_dir)
 
 
-def _run_check(source: Source, reader, folder: Path, side_files: list[str], trust_remote_code: bool):
+def _run_check(source: Source, reader, folder: Path, side_files: list[str], trust_remote_code: bool, tokens: int):
     from transformers import AutoTokenizer
 
     from .check import load_converted, load_source_model, run_check
@@ -373,7 +377,7 @@ def _run_check(source: Source, reader, folder: Path, side_files: list[str], trus
     logger.info("check: loading the source model and the converted model")
     source_model = load_source_model(source, reader if source.kind == "gguf" else None)
     converted = load_converted(folder)
-    return run_check(source_model, converted, tokenizer)
+    return run_check(source_model, converted, tokenizer, max_tokens=tokens)
 
 
 def _source_title(source: Source) -> str:

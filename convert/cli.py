@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import shlex
 import sys
 import warnings
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="reload the result and compare perplexity and a greedy continuation with the source "
         "(default: on below 1B parameters)",
     )
+    p.add_argument(
+        "--check-tokens", type=int, default=256, metavar="N", help="tokens of the built-in text --check scores (256)"
+    )
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the finished folder to this Hub repository")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
     p.add_argument("--reshare", action="store_true", help="the source is an LCKV checkpoint: give it a new layout")
@@ -83,8 +87,10 @@ def _quiet(verbose: bool):
             hf_logging.set_verbosity_error()
             hub_logging.set_verbosity_error()
         bars = not sys.stderr.isatty() and not verbose
+        saved_tqdm = os.environ.get("TQDM_DISABLE")
         if bars:
             hf_logging.disable_progress_bar()
+            os.environ["TQDM_DISABLE"] = "1"  # libraries' own tqdm bars (GGUF dequantization)
         try:
             yield
         finally:
@@ -92,11 +98,18 @@ def _quiet(verbose: bool):
             hub_logging.set_verbosity(saved[1])
             if bars:
                 hf_logging.enable_progress_bar()
+                if saved_tqdm is None:
+                    os.environ.pop("TQDM_DISABLE", None)
+                else:
+                    os.environ["TQDM_DISABLE"] = saved_tqdm
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 conversion or upload error, 2 usage error)."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed in one line
+        return int(e.code or 0)
     with _quiet(args.verbose):
         return _run(args, sys.argv[1:] if argv is None else list(argv))
 
@@ -120,6 +133,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             reshare=args.reshare,
             dtype=args.dtype,
             command=shlex.join(["lckv-convert", *argv]),
+            check_tokens=args.check_tokens,
         )
     except (ConvertError, LayoutError) as e:
         if args.debug:

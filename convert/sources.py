@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,13 +293,17 @@ def hub_error_message(e: Exception, what: str) -> str:
     return f"cannot download {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def _is_connection_error(e: BaseException) -> bool:
-    import httpx
-
-    while e is not None:
-        if isinstance(e, (httpx.ConnectError, httpx.TimeoutException, ConnectionError)):
+def _is_connection_error(e: BaseException | None) -> bool:
+    """True if ``e`` or its causes is a network failure (by class name: huggingface_hub's HTTP client varies)."""
+    names = {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError", "ConnectionError", "ProxyError"}
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
+            return True
+        if any(cls.__name__ in names for cls in type(e).__mro__):
             return True
         e = e.__cause__ or e.__context__
+        seen += 1
     return False
 
 
