@@ -361,6 +361,8 @@ def bench_command(args: argparse.Namespace) -> int:
             raise UsageError(f"{bm.ref} has a different vocabulary from the base: compare models of one family")
 
     need = max([args.prompt_len, args.budget_length] + args.lengths) * max(args.batch_sizes + [1])
+    if text is not None and tok is None:
+        raise UsageError(f"{args.base} has no tokenizer for --data: pass --tokenizer PATH")
     if text is not None:
         tokens = tokenize(text, tok, max(need, args.ppl_tokens or 0))
         prompt_source = "data"

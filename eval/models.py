@@ -186,6 +186,8 @@ def load_model(
 
     torch_dtype = resolve_dtype(dtype, device)
     ref = str(path_or_id)
+    if ref.startswith("random:"):
+        return load_random(ref.split(":", 1)[1], device, torch_dtype, tokenizer=tokenizer)
     if ref.startswith("bundled:"):
         model, tok = load_bundled(ref, torch_dtype)
         if tokenizer:
@@ -219,6 +221,31 @@ def load_model(
             "(the Hub needs network)"
         ) from None
     tok = _load_tokenizer(tokenizer, ref) if tokenizer else _load_tokenizer(ref)
+    return model.to(device).eval(), tok
+
+
+def load_random(folder: str | Path, device: str, dtype: torch.dtype, *, tokenizer: str | None = None, seed: int = 0):
+    """A model with the architecture of ``folder/config.json`` (or a config file) and random weights.
+
+    For cost benchmarks only (memory, throughput, TTFT do not depend on the weight values), e.g. on a machine
+    that cannot hold the real checkpoint. The tokenizer comes from the same folder when it has one.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(folder)
+    config_dir = path.parent if path.is_file() else path
+    if not (config_dir / "config.json").is_file():
+        raise ModelLoadError(f"random:{folder} needs a folder (or file) with a config.json")
+    config = AutoConfig.from_pretrained(str(config_dir))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        tok = _load_tokenizer(tokenizer or config_dir)
+    except ModelLoadError:
+        tok = None
+        logger.warning("random:%s has no tokenizer: prompts will be random tokens", folder)
     return model.to(device).eval(), tok
 
 
