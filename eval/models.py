@@ -84,12 +84,33 @@ def _cache_root() -> Path:
 
 
 def _plain_llama_from_gguf(gguf: Path, dtype: torch.dtype):
-    """Dequantize a GGUF Llama into a fresh ``LlamaForCausalLM`` (a model that save_pretrained accepts)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    """Dequantize a GGUF Llama into a plain ``LlamaForCausalLM`` (one that save_pretrained accepts) + tokenizer.
+
+    Uses lckv-convert's source reader (one copy of the weights in memory); falls back to transformers' GGUF
+    loading when that is unavailable.
+    """
+    from transformers import AutoTokenizer
 
     logger.info("loading %s (dequantizing GGUF, about a minute)", gguf)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        from lckv.convert.check import load_source_model
+        from lckv.convert.sources import ConvertError, resolve_source
+    except ImportError:
+        model = _gguf_via_transformers(gguf)
+    else:
+        try:
+            src = resolve_source(str(gguf))
+            model = load_source_model(src, src.reader())
+        except ConvertError as e:
+            raise ModelLoadError(str(e)) from None
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model.to(dtype), tokenizer
+
+
+def _gguf_via_transformers(gguf: Path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -98,8 +119,7 @@ def _plain_llama_from_gguf(gguf: Path, dtype: torch.dtype):
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict(), strict=False)
     model.tie_weights()
-    del loaded
-    return model.to(dtype), tokenizer
+    return model.eval()
 
 
 def load_bundled(name: str, dtype: torch.dtype = torch.float32, cache: bool = True):

@@ -52,7 +52,7 @@ def throughput_vs_batch(result: dict[str, Any]) -> Callable[[Path], None] | None
                         "*",
                         ms=12,
                         color=line.get_color() if line else None,
-                        label=f"{name} max batch in {mb['budget_bytes'] / 1024**3:g} GB @ {mb['length']}",
+                        label=f"{name} max batch in {mb['budget_bytes'] / 1024**3:g} GiB @ {mb['length']}",
                     )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
