@@ -89,8 +89,10 @@ def memory_vs_length(result: dict[str, Any]) -> Callable[[Path], None] | None:
                 label=f"{name} KV cache",
             )
         ax.set_xlabel("prompt + generated tokens")
-        ax.set_ylabel("MiB above weights")
-        ax.set_title(f"Peak memory of generate, batch {batch} ({result.get('memory_method', '')})", fontsize=9)
+        method = str(result.get("memory_method", ""))
+        short = "CUDA max allocated" if method.startswith("cuda") else "process peak RSS"
+        ax.set_ylabel("MiB above the memory before the call")
+        ax.set_title(f"Peak memory of generate(), batch {batch} ({short})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         _save(plt, fig, path)
