@@ -126,11 +126,15 @@ def _spread(ds, n: int | None):
     return ds.select([int(i * step) for i in range(n)])
 
 
-def build_datasets(recipe: Recipe, tokenizer) -> tuple[Any, Any | None, DataStats]:
-    """(train, held-out or None, stats) as packed datasets; raises DataError for missing, empty or unusable data."""
+def build_datasets(recipe: Recipe, tokenizer, held_out_text: Path | None = None) -> tuple[Any, Any | None, DataStats]:
+    """(train, held-out or None, stats) as packed datasets; raises DataError for missing, empty or unusable data.
+
+    ``held_out_text``: also write the held-out rows there as plain text (for the lckv-eval report).
+    """
     import datasets
 
     d = recipe.data
+    texts: list[str] = []
     stats = DataStats(block_size=d.block_size)
     train_parts, eval_parts = [], []
     for i, src in enumerate(d.sources):
@@ -169,6 +173,8 @@ def build_datasets(recipe: Recipe, tokenizer) -> tuple[Any, Any | None, DataStat
         ev, ev_tokens = (None, 0)
         if held is not None and len(held):
             held = held.select_columns([field_])
+            if held_out_text is not None:
+                texts.append("".join(held[field_]) if is_txt else "\n\n".join(held[field_]))
             ev, ev_tokens = _tokenize_and_pack(held, field_, add_eos, tokenizer, d.block_size, d.num_proc, name)
         stats.sources.append(
             {
@@ -201,6 +207,9 @@ def build_datasets(recipe: Recipe, tokenizer) -> tuple[Any, Any | None, DataStat
         held_out = _spread(held_out, d.max_eval_blocks)
     elif d.eval_fraction > 0 or any(s.eval_split for s in d.sources):
         logger.warning("no held-out block of %d tokens could be made: held-out perplexity is skipped", d.block_size)
+    if held_out_text is not None and texts:
+        held_out_text.parent.mkdir(parents=True, exist_ok=True)
+        held_out_text.write_text("\n\n".join(texts), encoding="utf-8")
     stats.train_blocks = len(train)
     stats.eval_blocks = len(held_out) if held_out is not None else 0
     return train, held_out, stats

@@ -151,7 +151,10 @@ class EvalSection:
     steps: int | None = None  # held-out perplexity every N steps (null: only before and after)
     batch_size: int | None = None  # default: train.batch_size
     before: bool = True  # held-out perplexity of the starting model
-    report: bool = True  # at the end, the lckv-eval report when lckv.eval is installed
+    report: bool = True  # at the end, the lckv-eval ppl report (fine-tuned vs converted vs base)
+    report_data: list[str] | None = None  # text files for that report (default: the held-out text of data)
+    report_max_tokens: int | None = 4096
+    report_modes: list[str] = field(default_factory=lambda: ["iterative", "sequential"])
 
 
 @dataclass
@@ -581,6 +584,13 @@ def _validate(r: Recipe, recipe_dir: Path | None, problems: list[str]) -> None:
     e = r.eval
     if e.steps is not None and e.steps < 1:
         problems.append(f"`eval.steps` must be >= 1 or null, got {e.steps}")
+    for i, f in enumerate(e.report_data or []):
+        if resolve_path(f, recipe_dir) is None:
+            problems.append(f"`eval.report_data[{i}]`: {f} does not exist")
+    for m in e.report_modes:
+        _check_choice(m, ("iterative", "sequential", "converge"), "eval.report_modes", problems)
+    if e.report_max_tokens is not None and e.report_max_tokens < 16:
+        problems.append(f"`eval.report_max_tokens` must be >= 16 or null, got {e.report_max_tokens}")
     if e.batch_size is not None and e.batch_size < 1:
         problems.append(f"`eval.batch_size` must be >= 1 or null, got {e.batch_size}")
 

@@ -434,20 +434,31 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
     return str(getattr(info, "commit_url", repo_id))
 
 
-def final_report(model_dir: Path, recipe: Recipe, held_out_files: list[str], out: Path) -> dict[str, Any] | None:
-    """The lckv-eval perplexity report on the held-out text, when lckv.eval provides its API."""
+def final_report(recipe: Recipe, model_dir: Path, converted: Path, base: str | None, data: list[str], out: Path):
+    """The ``lckv-eval ppl`` report (fine-tuned vs converted vs base Llama) into out/eval; None when unavailable."""
     try:
-        from ..eval import api as eval_api  # type: ignore[attr-defined]
+        from ..eval.cli import main as eval_main
     except ImportError:
+        logger.info("lckv.eval is not installed: no final lckv-eval report (held-out perplexity is in results.json)")
         return None
-    fn = getattr(eval_api, "ppl_report", None)
-    if fn is None or not held_out_files:
-        return None
+    e = recipe.eval
+    argv = ["ppl", str(model_dir), "--converted", str(converted), "--data", *data, "--out", str(out / "eval"),
+            "--overwrite", "--modes", ",".join(e.report_modes), "--kv-windows", "0", "--quiet"]  # fmt: skip
+    if base is not None:
+        argv += ["--base", base]
+    if e.report_max_tokens is not None:
+        argv += ["--max-tokens", str(e.report_max_tokens)]
+    logger.info("final report: lckv-eval %s", " ".join(argv))
     try:
-        return fn(str(model_dir), data=held_out_files, out=str(out / "eval"))
-    except Exception as e:  # the training result stands even when the report fails
-        logger.warning("lckv-eval report failed: %s", e)
+        code = eval_main(argv)
+    except Exception as ex:  # the training result stands even when the report fails
+        logger.warning("lckv-eval report failed: %s", ex)
         return None
+    report = out / "eval" / "ppl.json"
+    if code != 0 or not report.is_file():
+        logger.warning("lckv-eval report failed (exit %s)", code)
+        return None
+    return json.loads(report.read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,20 +495,21 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
     with args.main_process_first(desc="conversion"):
         ckpt = converted_checkpoint(recipe, out, dtype)
 
+    held_out_file = out / "held_out.txt"
     tok_ref = recipe.model.tokenizer or str(ckpt)
     tok_local = local_path(recipe, tok_ref)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_local) if tok_local else tok_ref)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with args.main_process_first(desc="data"):
-        train_ds, eval_ds, stats = build_datasets(recipe, tokenizer)
+        train_ds, eval_ds, stats = build_datasets(recipe, tokenizer, held_out_file if is_main else None)
     _log_data(stats)
 
     device_map = None
     if recipe.method.type == "qlora" and ds_config is None:
         device_map = {"": args.device.index or 0} if on_gpu else {"": "cpu"}
     set_seed(recipe.train.seed)  # LoRA initialization draws random numbers: same recipe, same start
-    model = load_student(recipe, ckpt, dtype, device_map)
+    model = load_student(recipe, ckpt, dtype, device_map, half_on_gpu=on_gpu and precision in ("bf16", "fp16"))
     model = apply_method(model, recipe, recipe.train.gradient_checkpointing)
     trainable, total, patterns = trainable_summary(model)
     logger.info(
@@ -597,10 +609,14 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
             results["base"] = str(ckpt)
             write_model_card(Path(saved["adapter"]), recipe, results, "adapter")
         if recipe.eval.report and "model" in saved:
-            files = [str(local_path(recipe, s.path)) for s in recipe.data.sources if local_path(recipe, s.path)]
-            report = final_report(Path(saved["model"]), recipe, files, out)
-            if report is not None:
-                results["lckv_eval"] = report
+            files = [str(local_path(recipe, f)) for f in recipe.eval.report_data or []]
+            if not files and held_out_file.is_file():
+                files = [str(held_out_file)]
+            if files:
+                base = teacher_path(recipe, ckpt) if (recipe.loss.teacher or recipe.is_source_model) else None
+                report = final_report(recipe, Path(saved["model"]), ckpt, base, files, out)
+                if report is not None:
+                    results["lckv_eval"] = _report_summary(report)
         results["completed"] = True
         _atomic_write(results_path, json.dumps(results, indent=2, default=str))
         if recipe.output.push_to_hub:
@@ -609,6 +625,15 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
             _atomic_write(results_path, json.dumps(results, indent=2, default=str))
     _barrier(args)
     return results
+
+
+def _report_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The perplexities per model and mode (and recovery) from an lckv-eval ppl report."""
+    models = {
+        role: {mode: round(r["ppl"], 4) for mode, r in res.get("modes", {}).items()}
+        for role, res in report.get("models", {}).items()
+    }
+    return {"ppl": models, "recovery": report.get("recovery"), "tokens": report.get("data", {}).get("num_tokens")}
 
 
 def _median_step_time(history: list[dict[str, Any]]) -> float | None:

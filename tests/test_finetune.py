@@ -44,6 +44,7 @@ def base_recipe(model_dir: Path, out: Path, **sections) -> dict:
             "save_steps": 2,
             "lr_scheduler": "constant",
         },  # fmt: skip
+        "eval": {"report": False},
         "output": {"dir": str(out)},
     }
     for key, value in sections.items():
@@ -227,11 +228,18 @@ def test_distill_loss_maths():
 def test_distill_is_zero_when_student_is_teacher(tmp_path, tiny_llama_dir):
     """Plain layout: the converted student computes the teacher's function, so the first KD loss is 0."""
     r = base_recipe(tiny_llama_dir, tmp_path / "o", model={"warmup": "plain"}, loss={"type": "distill"},
-                    train={"max_steps": 2}, eval={"before": False})  # fmt: skip
+                    train={"max_steps": 2}, eval={"before": False, "report": True, "report_max_tokens": 200})  # fmt: skip
     res = run(recipe_from_dict(r))
     first = res["train_losses"][0]
     assert first[0] == 1 and abs(first[1]) < 1e-5
     assert res["train_losses"][1][1] > 0  # the LoRA update moved the student away from the teacher
+    # the closing lckv-eval report: fine-tuned vs converted vs base on the held-out text
+    ppl = res["lckv_eval"]["ppl"]
+    assert set(ppl) == {"model", "converted", "base"}
+    conv = ppl["converted"]
+    assert abs(conv["iterative"] - conv["sequential"]) < 1e-3 * conv["sequential"]  # plain layout: no iteration
+    assert abs(conv["sequential"] - next(iter(ppl["base"].values()))) < 1e-3 * conv["sequential"]
+    assert (tmp_path / "o" / "eval" / "ppl.json").is_file()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,6 +311,20 @@ def test_qlora_one_process(tmp_path, tiny_llama_dir, tiny_tokenizer):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "o" / "model", trust_remote_code=True)
     assert type(merged).__name__ == "LCKVLlamaForCausalLM"
     assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_push_failure_is_clear_and_keeps_the_output(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = recipe_from_dict(base_recipe(tiny_llama_dir, tmp_path / "o", train={"max_steps": 1},
+                                     output={"push_to_hub": "someone/tiny-lckv"}, eval={"before": False}))  # fmt: skip
+    with pytest.raises(
+        TrainingError, match=r"push to the Hub \(someone/tiny-lckv\) failed: .*local output in .* is complete"
+    ):
+        run(r)
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert results["completed"] is True
+    card = (tmp_path / "o" / "model" / "README.md").read_text()
+    assert "held-out perplexity after" in card and "push_to_hub: someone/tiny-lckv" in card
 
 
 # ----------------------------------------------------------------------------------------------------------------
