@@ -222,6 +222,11 @@ def test_tied_bf16_llama3_rope_with_bias(tmp_path, tiny_tokenizer):
     torch.testing.assert_close(
         lckv.model.layers[3].self_attn.k_proj.bias, model.model.layers[3].self_attn.k_proj.bias.bfloat16().float()
     )
+    # with every layer its own KV source the converted model is the source model: biases, tied
+    # embeddings and llama3 RoPE scaling all carried over
+    plain = LCKVLlamaForCausalLM.from_pretrained(convert_checkpoint(src_dir, "plain", tmp_path / "plain", check=False))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_sharded_source_gives_sharded_output(tmp_path, tiny_tokenizer):
