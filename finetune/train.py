@@ -492,6 +492,16 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
 
     with args.main_process_first(desc="output folder"):
         resumed = check_output_dir(recipe, out, is_main)
+    done = _finished_results(recipe, out) if resumed else None
+    if done is not None:
+        logger.info("%s already holds this finished run (%d steps): nothing to do; raise train.max_steps to go on, "
+                    "or output.overwrite=true with a changed recipe to start over", out, done["steps"])  # fmt: skip
+        if is_main and recipe.output.push_to_hub and done.get("pushed") is None:
+            folder = Path(done["saved"].get("model") or done["saved"]["adapter"])
+            done["pushed"] = push_to_hub(folder, recipe.output.push_to_hub, recipe.output.hub_private)
+            _atomic_write(out / "results.json", json.dumps(done, indent=2, default=str))
+        _barrier(args)
+        return done
     with args.main_process_first(desc="conversion"):
         ckpt = converted_checkpoint(recipe, out, dtype)
 
@@ -625,6 +635,18 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
             _atomic_write(results_path, json.dumps(results, indent=2, default=str))
     _barrier(args)
     return results
+
+
+def _finished_results(recipe: Recipe, out: Path) -> dict[str, Any] | None:
+    """results.json of a completed run with these max_steps whose saved folders are all there, else None."""
+    path = out / "results.json"
+    if recipe.train.max_steps is None or not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    saved = res.get("saved") or {}
+    if not res.get("completed") or res.get("steps") != recipe.train.max_steps or not saved:
+        return None
+    return res if all(Path(p).is_dir() for p in saved.values()) else None
 
 
 def _report_summary(report: dict[str, Any]) -> dict[str, Any]:

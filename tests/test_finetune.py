@@ -271,6 +271,10 @@ def test_resume_gives_the_same_losses(tmp_path, tiny_llama_dir):
     for step in range(1, 11):
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
     assert abs(straight["eval_loss_after"] - second["eval_loss_after"]) < 1e-4
+    # once finished, the same command is a no-op that returns the results
+    mtime = (tmp_path / "b" / "model" / "model.safetensors").stat().st_mtime
+    assert run(r)["eval_loss_after"] == second["eval_loss_after"]
+    assert (tmp_path / "b" / "model" / "model.safetensors").stat().st_mtime == mtime
     # a changed recipe in the same folder is refused (nothing silently mixes two runs)
     changed = recipe_from_dict(base_recipe(tiny_llama_dir, tmp_path / "b", train={**train, "learning_rate": 1e-2}))
     with pytest.raises(RecipeError, match="different recipe .*train.learning_rate"):
