@@ -95,7 +95,11 @@ def lckv_masks(
         # rows that see no key (strict rows at a sequence's first token, padding rows); checked without a device sync
         visible = None
         if attention_mask is not None or (name == "strict" and past_length == 0):
-            visible = allowed.any(-1).transpose(1, 2)[..., None]  # [B, q, 1, 1]
+            any_key = allowed.any(-1, keepdim=True)  # [B, 1, q, 1]
+            visible = any_key.transpose(1, 2)  # [B, q, 1, 1]
+            # give such rows one dummy key (index 0) so no kernel sees an empty row: outputs and gradients stay
+            # finite on every backend (empty rows give NaN gradients in some CUDA kernels); the output is zeroed
+            allowed = allowed | (~any_key & (kv_idx == 0))
         if name == "strict" and query_length == 1 and past_length > 0:
             allowed = allowed[..., :past_length]  # decoding: a layer above has KVs of past tokens only
         if attn_implementation == "sdpa":

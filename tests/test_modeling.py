@@ -326,3 +326,15 @@ def test_remote_code_loads_without_lckv_installed(base, tmp_path):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "OK LCKVLlamaForCausalLM 10" in res.stdout
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_padded_training_has_finite_gradients(base, attn):
+    """Rows that see no key (pads, a layer above at the first token) get a dummy key and a zeroed output."""
+    model = lckv_from_llama(base, "sandwich:2", attn, forward_passes=2, backward_passes=1).train()
+    ids, mask = left_padded_batch([6, 2], 6)
+    labels = ids.masked_fill(mask == 0, -100)
+    loss = model(ids, attention_mask=mask, position_ids=positions(mask), labels=labels, use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
