@@ -16,14 +16,18 @@ EPILOG_PPL = """\
 windows: the token stream is cut into windows [begin, begin+window) with begin = 0, stride, 2*stride, ...;
 each window scores only the tokens the previous window did not (from max(begin+1, previous end) to its end),
 as in the Hugging Face perplexity guide. Every model sees the same windows; ppl = exp(mean NLL).
+models: folders (Llama or LCKV), LoRA adapter folders (the base named in adapter_config.json, or
+LCKV_ADAPTER_BASE=PATH, is loaded and the adapter merged), .gguf files, bundled:smollm2-135m, Hub ids.
+recovery = (loss_converted - loss_model) / (loss_converted - loss_base), per mode; needs --base and --converted.
 examples:
   lckv-eval ppl out/finetuned --base bundled:smollm2-135m --converted out/converted --data alice29.txt
   lckv-eval ppl out/lora-adapter --data hub:wikitext:wikitext-2-raw-v1:test --modes iterative,sequential,converge
 """
 
 EPILOG_BENCH = """\
-LCKV models are checkpoint folders, or convert:LAYOUT to convert BASE in memory (same weights, no fine-tuning:
-for cost measurements only), e.g. convert:sandwich:2.
+LCKV models are checkpoint folders, or convert:LAYOUT to convert BASE in memory exactly as lckv-convert would
+(no fine-tuning: for cost measurements), e.g. convert:sandwich:2. BASE may be random:FOLDER (FOLDER's
+config.json with random weights) to measure cost on a machine that cannot hold the checkpoint.
 example:
   lckv-eval bench bundled:smollm2-135m convert:sandwich:2 convert:sandwich:10 --data alice29.txt --threads 2
 """
@@ -131,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="also compute perplexity on the first N tokens of --data (for the ppl vs KV plot)",
+    )
+    b.add_argument(
+        "--kv-init",
+        choices=["top", "mean"],
+        default=None,
+        help="k/v projections of convert:LAYOUT models (default: lckv-convert's default)",
     )
     b.add_argument("--skip", default="", help="comma list of parts to skip: grid, maxbatch, ttft")
     _common(b)
@@ -346,7 +356,7 @@ def bench_command(args: argparse.Namespace) -> int:
         if ref.startswith("convert:"):
             layout = ref.split(":", 1)[1]
             logger.info("converting the base to %s in memory", layout)
-            m = convert_in_memory(base_model, layout)
+            m = convert_in_memory(base_model, layout, kv_init=args.kv_init)
             name = layout
         else:
             m, _ = load_model(
@@ -395,6 +405,7 @@ def bench_command(args: argparse.Namespace) -> int:
             "repeats": args.repeats,
             "ttft_modes": args.ttft_modes,
             "prompts": prompt_source,
+            "kv_init": args.kv_init or _default_kv_init(),
             "skip": sorted(skip),
         },
         "memory_method": memory_method,
@@ -462,6 +473,14 @@ def bench_command(args: argparse.Namespace) -> int:
     print(md)
     print(f"\nwrote {out_dir}/ ({', '.join(files)})")
     return 0
+
+
+def _default_kv_init() -> str:
+    try:
+        from lckv.convert import DEFAULT_KV_INIT
+    except ImportError:
+        return "top"
+    return DEFAULT_KV_INIT
 
 
 def bench_markdown(result: dict[str, Any]) -> str:

@@ -278,25 +278,54 @@ def lckv_config_from(base_config: Any, kv_sources: list[int], **overrides: Any):
     return LCKVLlamaConfig(kv_sources=list(kv_sources), **d)
 
 
-def convert_in_memory(model: Any, layout: str | list[int], **config_overrides: Any):
-    """Convert a loaded Llama to an LCKV model with the same weights (k/v projections kept only where cached).
+def convert_in_memory(model: Any, layout: str | list[int], kv_init: str | None = None, **config_overrides: Any):
+    """Convert a loaded Llama to an LCKV model in memory, mapping tensors exactly as ``lckv-convert`` does.
 
-    Uses ``lckv.convert``'s API when it provides one; otherwise a direct weight copy (the LCKV checkpoint format
-    is Llama's tensor names minus the dropped projections).
+    ``kv_init`` is ``top`` (a KV layer keeps its own k/v projections) or ``mean`` (the mean of its readers'),
+    defaulting to lckv-convert's default. Without ``lckv.convert`` only ``top`` is available.
     """
     from lckv import LCKVLlamaForCausalLM, parse_layout
 
     kv_sources = parse_layout(layout, model.config.num_hidden_layers)
     config = lckv_config_from(model.config, kv_sources, **config_overrides)
+    source = model.state_dict()
+    try:
+        from lckv.convert import DEFAULT_KV_INIT
+        from lckv.convert.mapping import MappingError, plan_tensors
+    except ImportError:
+        if kv_init not in (None, "top"):
+            raise ModelLoadError(f"kv_init {kv_init!r} needs lckv.convert; only 'top' is built in") from None
+        kv = set(kv_sources)
+        recipes = [
+            (name, (name,))
+            for name in source
+            if not any(
+                f"layers.{i}.self_attn.{p}_proj." in name for i in range(len(kv_sources)) if i not in kv for p in "kv"
+            )
+        ]
+    else:
+        try:
+            plan, _ = plan_tensors(
+                list(source), kv_sources, kv_init or DEFAULT_KV_INIT, bool(config.tie_word_embeddings)
+            )
+        except MappingError as e:
+            raise ModelLoadError(str(e)) from None
+        recipes = [(r.name, r.sources) for r in plan]
+    state = {}
+    for name, sources in recipes:
+        if len(sources) == 1:
+            state[name] = source[sources[0]]
+        else:
+            state[name] = (sum(source[s].float() for s in sources) / len(sources)).to(source[sources[0]].dtype)
     param = next(model.parameters())
     lckv_model = LCKVLlamaForCausalLM(config).to(device=param.device, dtype=param.dtype)
-    wanted = lckv_model.state_dict()
-    state = {k: v for k, v in model.state_dict().items() if k in wanted}
-    missing = [k for k in wanted if k not in state and not k.endswith("lm_head.weight")]
-    if missing:
-        raise ModelLoadError(f"the source model lacks {len(missing)} tensors the LCKV model needs, e.g. {missing[0]}")
-    lckv_model.load_state_dict(state, strict=False)
-    if "lm_head.weight" in wanted and "lm_head.weight" not in state:
+    missing, unexpected = lckv_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"converted tensors do not fit the LCKV model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    if config.tie_word_embeddings:
         lckv_model.tie_weights()
     return lckv_model.eval()
 

@@ -341,3 +341,18 @@ def test_console_script_bad_model_path(tmp_path):
     assert (
         proc.stderr.strip().splitlines()[-1] == f"lckv-eval: error: model path {tmp_path / 'no-model'} does not exist"
     )
+
+
+@pytest.mark.parametrize("kv_init", ["top", "mean"])
+def test_in_memory_conversion_equals_lckv_convert(tmp_path, tiny_llama_dir, kv_init):
+    """bench's convert:LAYOUT models are exactly what lckv-convert writes."""
+    from lckv.convert import convert_checkpoint
+
+    folder = convert_checkpoint(str(tiny_llama_dir), "sandwich:2", tmp_path / "c", kv_init=kv_init, check=False)
+    written, _ = load_model(folder)
+    base, _ = load_model(tiny_llama_dir)
+    mine = convert_in_memory(base, "sandwich:2", kv_init=kv_init)
+    a, b = mine.state_dict(), written.state_dict()
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert mine.config.kv_sources == written.config.kv_sources
