@@ -110,6 +110,17 @@ class LCKVSection:
 
 
 @dataclass
+class RoutingSection:
+    """Random cross-layer KV routing (lckv.routing): each step, each layer i > 0 reads a preceding layer's KVs with
+    probability p_share. Needs a model with every layer's k/v projections (model.warmup: plain)."""
+
+    p_share: float = 0.5
+    source: str = "uniform_preceding"  # uniform_preceding | previous | kv_layers_of (draw from layouts' KV layers)
+    layouts: list[str] = field(default_factory=list)  # downward layouts for kv_layers_of, e.g. [cla:2, cla:3]
+    seed: int | None = None  # null: train.seed
+
+
+@dataclass
 class LossSection:
     type: str = "lm"  # lm (next-token cross entropy) | distill (KL to the original Llama's logits)
     temperature: float = 1.0
@@ -173,6 +184,7 @@ class Recipe:
     data: DataSection = field(default_factory=DataSection)
     method: MethodSection = field(default_factory=MethodSection)
     lckv: LCKVSection = field(default_factory=LCKVSection)
+    routing: RoutingSection | None = None  # null: no random routing
     loss: LossSection = field(default_factory=LossSection)
     train: TrainSection = field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
@@ -522,6 +534,9 @@ def _validate(r: Recipe, recipe_dir: Path | None, problems: list[str]) -> None:
     if lk.backward_passes is not None and lk.backward_passes < 1:
         problems.append(f"`lckv.backward_passes` must be >= 1, got {lk.backward_passes}")
 
+    if r.routing is not None:
+        _validate_routing(r, problems)
+
     lo = r.loss
     _check_choice(lo.type, ("lm", "distill"), "loss.type", problems)
     if lo.temperature <= 0:
@@ -605,6 +620,42 @@ def _validate(r: Recipe, recipe_dir: Path | None, problems: list[str]) -> None:
         problems.append("`output`: save_merged and save_adapter are both off; nothing would be saved")
     if o.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", o.push_to_hub):
         problems.append(f"`output.push_to_hub`: {o.push_to_hub!r} is not a repo id of the form ORG/NAME")
+
+
+def _validate_routing(r: Recipe, problems: list[str]) -> None:
+    from ..layout import LayoutError, is_downward, parse_layout
+    from ..routing import SOURCES
+
+    ro = r.routing
+    if not 0.0 <= ro.p_share <= 1.0:
+        problems.append(f"`routing.p_share` must be in [0, 1], got {ro.p_share}")
+    _check_choice(ro.source, SOURCES, "routing.source", problems)
+    if ro.source == "kv_layers_of" and not ro.layouts:
+        problems.append("`routing.layouts`: source kv_layers_of draws from the KV layers of layouts: list some, "
+                        "e.g. [cla:2, cla:3]")  # fmt: skip
+    if ro.layouts and ro.source != "kv_layers_of":
+        problems.append("`routing.layouts` applies to routing.source kv_layers_of only")
+    for i, spec in enumerate(ro.layouts):
+        try:  # the real layer count is known once the model config is read; 32 checks the syntax and direction
+            if not is_downward(parse_layout(spec, 32)):
+                problems.append(f"`routing.layouts[{i}]`: {spec!r} reads layers above; routing layouts share downward")
+        except LayoutError as e:
+            problems.append(f"`routing.layouts[{i}]`: {e}")
+    if r.is_source_model and not _is_plain_spec(r.model.warmup):
+        problems.append(
+            f"`model.warmup`: routing needs every layer's k/v projections, but {r.model.warmup!r} drops some; "
+            "train a plain conversion (model.warmup: plain) and pick the layout at deployment with lckv-convert --reshare"
+        )
+
+
+def _is_plain_spec(spec: Any) -> bool:
+    if isinstance(spec, list):
+        return all(int(s) == i for i, s in enumerate(spec))
+    text = str(spec).strip().lower()
+    if text in ("plain", "llama", "none"):
+        return True
+    parts = [p.strip() for p in text.split(",")]
+    return all(p.isdigit() for p in parts) and [int(p) for p in parts] == list(range(len(parts)))
 
 
 def _validate_lora(lora: dict[str, Any], problems: list[str]) -> None:

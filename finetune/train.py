@@ -520,6 +520,8 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
         device_map = {"": args.device.index or 0} if on_gpu else {"": "cpu"}
     set_seed(recipe.train.seed)  # LoRA initialization draws random numbers: same recipe, same start
     model = load_student(recipe, ckpt, dtype, device_map, half_on_gpu=on_gpu and precision in ("bf16", "fp16"))
+    if recipe.routing is not None:
+        callbacks = [*(callbacks or []), routing_callback(recipe, model.config, out)]
     model = apply_method(model, recipe, recipe.train.gradient_checkpointing)
     trainable, total, patterns = trainable_summary(model)
     logger.info(
@@ -635,6 +637,27 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
             _atomic_write(results_path, json.dumps(results, indent=2, default=str))
     _barrier(args)
     return results
+
+
+def routing_callback(recipe: Recipe, config, out: Path):
+    """The random-routing callback of a recipe's ``routing`` section (draws logged to out/routing_log.jsonl)."""
+    from ..routing import RoutingCallback, RoutingConfig
+
+    sources = list(getattr(config, "kv_sources", []) or [])
+    n = config.num_hidden_layers
+    if sources != list(range(n)):
+        missing = sorted(set(range(n)) - set(sources)) if sources else "all"
+        raise RecipeError(
+            [f"`routing`: the model lacks k/v projections of layers {missing}; routing needs every layer's: train a "
+             "plain conversion (model.warmup: plain) and pick the layout at deployment with lckv-convert --reshare"]
+        )  # fmt: skip
+    ro = recipe.routing
+    cfg = RoutingConfig(p_share=ro.p_share, source=ro.source, layouts=list(ro.layouts),
+                        seed=recipe.train.seed if ro.seed is None else ro.seed)  # fmt: skip
+    cfg.validate(n)
+    logger.info("random routing: p_share %s, source %s, seed %d (draws in %s)", cfg.p_share, cfg.source, cfg.seed,
+                out / "routing_log.jsonl")  # fmt: skip
+    return RoutingCallback(cfg, out / "routing_log.jsonl")
 
 
 def _finished_results(recipe: Recipe, out: Path) -> dict[str, Any] | None:
