@@ -514,6 +514,16 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
                 full_kv[i] = (own_key, own_value)
             return hidden
 
+        def finalize(first: int, last: int) -> None:
+            """After a segment's final pass: hand its KV layers' KVs to the cache and drop our reference to
+            their old past, so decoding holds one copy of the cache (as Llama's layer-by-layer update does)."""
+            if cache is None:
+                return
+            for layer in range(first, last + 1):
+                if layer in slot:
+                    store_kv(cache, slot[layer], *full_kv[layer], past_length)
+                    past[layer] = None
+
         hidden_states = inputs_embeds
         all_hidden = [hidden_states] if output_hidden_states else None
         pass_kvs = [] if output_pass_kvs else None
@@ -522,6 +532,7 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
             if not iterate:
                 for i in range(first, last + 1):
                     hidden_states = run_layer(i, hidden_states, {})
+                    finalize(i, i)
                     if output_hidden_states:
                         all_hidden.append(hidden_states)
                 continue
@@ -549,14 +560,12 @@ class LCKVLlamaModel(LCKVLlamaPreTrainedModel):
                 previous = current
                 if done:
                     break
+            finalize(first, last)
             if output_hidden_states:
                 all_hidden.extend(block_hidden)
 
-        if cache is not None:  # write each KV layer's KVs once, after its final pass
-            for layer in kv_ids:
-                store_kv(cache, slot[layer], *full_kv[layer], past_length)
-            if streaming:
-                cache.evict(self._shift_keys)
+        if streaming:
+            cache.evict(self._shift_keys)
 
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The main job end to end on the bundled real model (SmolLM2-135M-Instruct, 30 layers):
+#   1. convert it to sandwich:2 (3 of 30 layers cache KVs: 90 % smaller KV cache),
+#   2. fine-tune it with recipes/smollm2-135m-sandwich2-lora.yaml,
+#   3. evaluate base / converted / fine-tuned perplexity on alice29.txt (never trained on) and the serving cost.
+# Usage: bash scripts/main_job.sh [--quick] [RUN_DIR]     (--quick: fewer steps, shorter text, ~5 min on 2 cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then QUICK=1; shift; fi
+RUN=${1:-runs/main-job$([ $QUICK = 1 ] && echo -quick)}
+mkdir -p "$RUN"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+SRC=bundled:smollm2-135m
+if [ $QUICK = 1 ]; then
+  STEPS=16; EVAL_TOKENS=1024; MODES=iterative; FT_EXTRA="train.max_steps=$STEPS train.save_steps=8 eval.before=false eval.steps=null eval.report=false"
+else
+  STEPS=""; EVAL_TOKENS=8192; MODES=iterative,sequential; FT_EXTRA="eval.report=false"
+fi
+
+echo "== 1/4 convert $SRC -> $RUN/converted (sandwich:2)"
+[ -d "$RUN/converted" ] || lckv-convert "$SRC" --warmup sandwich:2 -o "$RUN/converted" --no-check
+
+echo "== 2/4 fine-tune (recipes/smollm2-135m-sandwich2-lora.yaml)"
+python finetune/run.py recipes/smollm2-135m-sandwich2-lora.yaml \
+  model.path="$RUN/converted" model.warmup=null model.kv_init=null output.dir="$RUN/finetuned" $FT_EXTRA
+
+echo "== 3/4 perplexity on alice29.txt (held out): base vs converted vs fine-tuned"
+lckv-eval ppl "$RUN/finetuned/model" --base "$SRC" --converted "$RUN/converted" \
+  --data tests/data/alice29.txt --max-tokens $EVAL_TOKENS --modes $MODES --out "$RUN/ppl" --overwrite
+
+echo "== 4/4 serving cost: KV bytes/token, decode throughput, max batch in 4 GB, TTFT"
+if [ $QUICK = 1 ]; then BENCH="--batch-sizes 1,4 --lengths 256 --prompt-len 128 --repeats 1 --skip maxbatch"; else BENCH="--budget-gb 4 --budget-length 1024 --prompt-len 512"; fi
+lckv-eval bench "$SRC" "$RUN/finetuned/model" --out "$RUN/bench" --overwrite $BENCH
+
+echo "== results: $RUN/ppl and $RUN/bench (Markdown tables above)"
