@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..layout import LayoutError, describe, kv_layers, parse_layout
+from ..layout import LayoutError, describe, has_upward, kv_layers, parse_layout, vllm_sharing_map
 from .card import CardInfo, append_results, human_bytes, kv_bytes_per_token, render_card
 from .check import CHECK_MAX_PARAMS, CheckResult
 from .mapping import MappingError, plan_tensors
@@ -280,6 +280,13 @@ def _output_config(kw: dict, kv_sources: list[int], dtype_name: str | None):
         raise ConvertError(f"the source config does not make a valid LCKV config: {str(e).splitlines()[0]}") from None
     config.architectures = ["LCKVLlamaForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
+    # serving engines that share KVs only with an earlier layer (vLLM's kv_sharing_target_layer_name) read this
+    # {layer: target layer} map; upward (LCKV) layouts have none and need lckv's model code (docs/routing.md)
+    if has_upward(kv_sources):
+        if hasattr(config, "vllm_kv_sharing"):
+            delattr(config, "vllm_kv_sharing")  # a reshared source's map no longer applies
+    else:
+        config.vllm_kv_sharing = {str(i): s for i, s in vllm_sharing_map(kv_sources).items()}
     return config
 
 

@@ -239,6 +239,9 @@ def _coerce(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):  # an optional section: report its own keys
+            return _coerce(value, inner[0], key, problems)
         errs: list[str] = []
         for a in args:
             if a is type(None):

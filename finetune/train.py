@@ -562,6 +562,8 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
         layout=_layout_text(model), data=dataclasses.asdict(stats), completed=False,
     )  # fmt: skip
     last = _last_checkpoint(out / "checkpoints")
+    if recipe.routing is not None and is_main:
+        _prune_routing_log(out / "routing_log.jsonl", _checkpoint_step(last) if last else 0)
     if last:
         logger.info("resuming from %s", last)
     if is_main:
@@ -658,6 +660,14 @@ def routing_callback(recipe: Recipe, config, out: Path):
     logger.info("random routing: p_share %s, source %s, seed %d (draws in %s)", cfg.p_share, cfg.source, cfg.seed,
                 out / "routing_log.jsonl")  # fmt: skip
     return RoutingCallback(cfg, out / "routing_log.jsonl")
+
+
+def _prune_routing_log(path: Path, step: int) -> None:
+    """Keep the draws of steps before ``step`` (where training restarts), so the log lists each step once."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < step]
+    _atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 def _finished_results(recipe: Recipe, out: Path) -> dict[str, Any] | None:
