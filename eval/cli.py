@@ -92,6 +92,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
     p.add_argument(
+        "--stream",
+        default=None,
+        metavar="sink=N,window=M",
+        help="StreamingLLM perplexity instead of windows: feed the text through a cache of N sink + M recent tokens "
+        "per KV layer and score every token (a Llama streams as the equal plain LCKV layout)",
+    )
+    p.add_argument(
+        "--stream-chunk",
+        type=int,
+        default=1,
+        help="tokens per forward when streaming (default 1 = exact StreamingLLM; more = faster for the base, the "
+        "chunk's tokens also see each other before eviction)",
+    )
+    p.add_argument(
+        "--base-stream-chunk",
+        type=int,
+        default=None,
+        help="--stream-chunk for the --base model only (default: the same)",
+    )
+    p.add_argument(
+        "--convert-from",
+        default=None,
+        help="the Llama that convert:LAYOUT models are made from in memory (default: --base; streaming only)",
+    )
+    p.add_argument(
+        "--checkpoints",
+        type=_int_list,
+        default=[2048, 8192, 20480],
+        help="text positions where streaming ppl and memory are reported (default 2048,8192,20480; the end always)",
+    )
+    p.add_argument(
         "--kv-windows", type=int, default=1, help="windows for the KV-convergence trace (0 = skip; default 1)"
     )
     p.add_argument(
@@ -174,8 +205,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .models import ModelLoadError
     from .report import OutputError
+    from .stream import StreamSpecError
 
-    return (DataError, ModelLoadError, OutputError, LayoutError, UsageError)
+    return (DataError, ModelLoadError, OutputError, LayoutError, UsageError, StreamSpecError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +245,13 @@ def ppl_command(args: argparse.Namespace) -> int:
     stride = args.stride or args.window
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    for ref in (args.model, args.converted):
+        if ref and ref.startswith("convert:") and not (args.base or args.convert_from):
+            raise UsageError(f"{ref} converts a Llama in memory: pass --base or --convert-from")
+    if args.stream is not None:
+        return stream_command(args)
+    if any(r and r.startswith("convert:") for r in (args.model, args.converted)):
+        raise UsageError("convert:LAYOUT models are supported with --stream only: convert with lckv-convert first")
     out_dir = prepare_out_dir(args.out, "ppl", args.overwrite)
     text, sources = load_text(args.data)  # data errors surface before any model loads
     make_windows(10**6, args.window, stride)  # validates --window/--stride
@@ -277,6 +316,169 @@ def ppl_command(args: argparse.Namespace) -> int:
     print(md)
     print(f"\nwrote {out_dir}/ppl.json, ppl.md" + (", kv_convergence.png" if plot else ""))
     return 0
+
+
+def stream_command(args: argparse.Namespace) -> int:
+    """``lckv-eval ppl --stream``: streaming perplexity and memory for the model (and --base side by side)."""
+    from .data import load_text, tokenize
+    from .models import convert_in_memory, load_model
+    from .ppl import describe_model
+    from .report import environment, prepare_out_dir, to_json, write_outputs
+    from .stream import StreamSpecError, parse_stream_spec, streaming_perplexity
+
+    sink, window = parse_stream_spec(args.stream)
+    chunks = {"model": args.stream_chunk, "base": args.base_stream_chunk or args.stream_chunk}
+    chunks["converted"] = args.stream_chunk
+    if min(chunks.values()) < 1:
+        raise StreamSpecError("--stream-chunk and --base-stream-chunk must be at least 1")
+    out_dir = prepare_out_dir(args.out, "ppl", args.overwrite)
+    text, sources = load_text(args.data)
+
+    def load(ref: str):
+        return load_model(
+            ref, args.device, args.dtype, trust_remote_code=args.trust_remote_code, tokenizer=args.tokenizer
+        )
+
+    base_model = base_tok = source = None
+    if args.base:  # loaded first: convert:LAYOUT models are made from it
+        logger.info("loading base model %s", args.base)
+        base_model, base_tok = load(args.base)
+        source = (base_model, base_tok)
+    if args.convert_from and args.convert_from != args.base:
+        logger.info("loading %s to convert from", args.convert_from)
+        source = load(args.convert_from)
+    order = [("base", args.base), ("model", args.model), ("converted", args.converted)]
+    results: dict[str, Any] = {}
+    tokens: list[int] | None = None
+    vocab: dict[str, int] | None = None
+    for role, ref in order:
+        if ref is None:
+            continue
+        if role == "base":
+            model, tok = base_model, base_tok
+        elif ref.startswith("convert:"):
+            logger.info("converting the base to %s in memory", ref.split(":", 1)[1])
+            model, tok = convert_in_memory(source[0], ref.split(":", 1)[1]), source[1]
+        else:
+            logger.info("loading %s model %s", role, ref)
+            model, tok = load(ref)
+        if tok is None:
+            raise UsageError(f"{ref} has no tokenizer: pass --tokenizer PATH")
+        if tokens is None:
+            tokens = tokenize(text, tok, args.max_tokens)
+            vocab = tok.get_vocab()
+            logger.info("%d tokens, streaming with sink %d, window %d", len(tokens), sink, window)
+        elif tok.get_vocab() != vocab:
+            raise UsageError(
+                f"the {role} model's tokenizer differs from the others': perplexities would not be comparable; "
+                "pass --tokenizer to use one tokenizer for all"
+            )
+        info = describe_model(model)
+        results[role] = {
+            "ref": ref,
+            **info,
+            "streamed_as": "LCKV layout" if info["lckv"] else "plain LCKV layout (the same function as the Llama)",
+            "stream": streaming_perplexity(
+                model, tokens, sink, window, chunks[role], args.checkpoints, desc=f"{role} stream"
+            ),
+        }
+        if role != "base":
+            del model
+        gc.collect()
+    ordered = {r: results[r] for r in ("model", "base", "converted") if r in results}
+    result = {
+        "command": "ppl",
+        "argv": args.argv,
+        "environment": environment(args.device),
+        "data": {
+            "sources": sources,
+            "num_tokens": len(tokens),
+            "max_tokens": args.max_tokens,
+            "scoring": "streaming: tokens fed in order through a sink + window cache, --stream-chunk per forward; "
+            "token t+1 scored from the logits of token t; no special tokens added",
+        },
+        "stream": {"sink": sink, "window": window, "checkpoints": args.checkpoints},
+        "models": ordered,
+        "recovery": None,
+        "kv_convergence": None,
+    }
+    md = stream_markdown(result)
+    write_outputs(out_dir, {"ppl.json": to_json(result), "ppl.md": md})
+    print(md)
+    print(f"\nwrote {out_dir}/ppl.json, ppl.md")
+    return 0
+
+
+def stream_markdown(result: dict[str, Any]) -> str:
+    """The streaming table: one row per model and checkpoint."""
+    from .report import markdown_table
+
+    MiB = 2**20
+    d, st = result["data"], result["stream"]
+    base_ppl = {}
+    if "base" in result["models"]:
+        base_ppl = {c["tokens"]: c["ppl"] for c in result["models"]["base"]["stream"]["checkpoints"]}
+    rows = []
+    for role, r in result["models"].items():
+        s = r["stream"]
+        for c in s["checkpoints"]:
+            rows.append(
+                [
+                    role,
+                    r["ref"],
+                    f"{r['num_kv_layers']}/{r['num_layers']}",
+                    s["chunk"],
+                    c["tokens"],
+                    c["ppl"],
+                    c["segment_ppl"],
+                    f"{base_ppl[c['tokens']] and c['ppl'] / base_ppl[c['tokens']]:.3g}x"
+                    if c["tokens"] in base_ppl
+                    else "-",
+                    c["cache_bytes"] / MiB,
+                    c["cache_tokens"],
+                    c["max_cache_bytes"] / MiB,
+                    None if c["segment_peak_bytes"] is None else c["segment_peak_bytes"] / MiB,
+                    round(c["segment_tokens_per_s"] or 0, 1),
+                    c["seconds"],
+                ]
+            )
+    notes = [
+        f"Streaming perplexity on {', '.join(d['sources'])}: {d['num_tokens']:,} tokens, sink {st['sink']}, "
+        f"window {st['window']}; every token is predicted from the sink + window cache (chunk 1 = exact "
+        "StreamingLLM; a chunk of N also sees its own earlier tokens before eviction).",
+        "",
+        markdown_table(
+            [
+                "role",
+                "model",
+                "KV layers",
+                "chunk",
+                "tokens",
+                "ppl",
+                "segment ppl",
+                "ppl / base",
+                "cache MiB",
+                "cache tokens/layer",
+                "max cache MiB",
+                "peak MiB (segment)",
+                "tok/s",
+                "seconds",
+            ],
+            rows,
+        ),
+        "",
+        "Peak = "
+        + next(iter(result["models"].values()))["stream"]["memory_method"]
+        + "; cache bound per model: "
+        + ", ".join(f"{role} {r['stream']['cache_bound_bytes'] / MiB:.3g} MiB" for role, r in result["models"].items())
+        + ".",
+    ]
+    inexact = [role for role, r in result["models"].items() if not r["stream"]["exact"]]
+    if inexact:
+        notes.append(
+            f"Approximate ({', '.join(inexact)}): upward LCKV chunks longer than m+b are prefilled with m+b passes."
+        )
+    return "\n".join(notes)
 
 
 def ppl_markdown(result: dict[str, Any]) -> str:

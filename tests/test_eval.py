@@ -356,3 +356,125 @@ def test_in_memory_conversion_equals_lckv_convert(tmp_path, tiny_llama_dir, kv_i
     assert set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert mine.config.kv_sources == written.config.kv_sources
+
+
+# --------------------------------------------------------------------------------------------------- streaming
+
+
+def _sequential_nll(model, ids: list[int]) -> float:
+    """Mean NLL of tokens 1..n-1 of one window with the exact (sequential) model, no streaming."""
+    from lckv.eval.data import Window
+    from lckv.eval.ppl import window_nll
+
+    mode = "sequential" if getattr(model.config, "kv_sources", None) is not None else None
+    total, count = window_nll(model, ids, [Window(0, len(ids), 1)], mode=mode)
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def stream_base():
+    return tiny_llama(6, seed=3)
+
+
+@pytest.mark.parametrize("spec", ["llama", "sandwich:2", "top:2", "cla:2"])
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_streaming_ppl_with_a_large_window_equals_ordinary_ppl(stream_base, spec, chunk):
+    from lckv.eval.stream import streaming_perplexity
+
+    model = stream_base if spec == "llama" else convert_in_memory(stream_base, spec)
+    ids = torch.randint(3, 320, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    r = streaming_perplexity(model, ids, sink=4, window=64, chunk=chunk, checkpoints=[10, 25])
+    assert r["exact"] and [c["tokens"] for c in r["checkpoints"]] == [10, 25, 40]
+    last = r["checkpoints"][-1]
+    assert last["scored_tokens"] == 39 and r["checkpoints"][0]["scored_tokens"] == 10
+    assert abs(last["loss"] - _sequential_nll(model, ids)) <= 1e-5
+    assert last["cache_tokens"] == 39  # the last token is never fed: nothing is left to predict
+
+
+@pytest.mark.parametrize("spec", ["plain", "sandwich:2"])
+def test_streaming_ppl_equals_reference_on_sinks_plus_window(stream_base, spec):
+    """Chunk 1 is exact StreamingLLM: every NLL equals the naive oracle's on the truncated (sinks + window) context."""
+    from lckv.eval.stream import streaming_perplexity
+
+    model = convert_in_memory(stream_base, spec)
+    ids = torch.randint(3, 320, (1, 30), generator=torch.Generator().manual_seed(5))
+    ref = reference_logits(model, ids, model.config.kv_sources, sink=2, window=6)[0, :-1]
+    nll = -torch.log_softmax(ref.double(), -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+    r = streaming_perplexity(model, ids[0].tolist(), sink=2, window=6, chunk=1, checkpoints=[12])
+    assert abs(r["checkpoints"][0]["loss"] - nll[:12].mean().item()) <= 1e-5
+    assert abs(r["checkpoints"][-1]["loss"] - nll.mean().item()) <= 1e-5
+    assert abs(r["checkpoints"][-1]["loss"] - _sequential_nll(model, ids[0].tolist())) > 1e-4  # truncation matters
+
+
+@pytest.mark.parametrize("spec,chunk", [("llama", 1), ("llama", 4), ("sandwich:2", 1), ("cla:2", 3)])
+def test_streaming_cache_never_exceeds_sinks_plus_window(stream_base, spec, chunk):
+    from lckv.eval.stream import streaming_perplexity
+
+    from lckv import parse_layout
+
+    model = stream_base if spec == "llama" else convert_in_memory(stream_base, spec)
+    kv_layers = len(set(parse_layout("plain" if spec == "llama" else spec, 6)))
+    per_token = 2 * kv_layers * 2 * 16 * 4  # K and V x KV layers x 2 KV heads x head dim 16 x fp32
+    r = streaming_perplexity(model, list(range(3, 63)), sink=2, window=8, chunk=chunk, checkpoints=[20, 40])
+    assert r["kv_layers"] == kv_layers and r["cache_bound_bytes"] == 10 * per_token
+    for c in r["checkpoints"]:
+        assert c["max_cache_bytes"] <= 10 * per_token and c["max_cache_tokens"] <= 10
+        assert c["cache_bytes"] == 10 * per_token and c["cache_layers"] == kv_layers
+        assert c["segment_peak_bytes"] is None or c["segment_peak_bytes"] > 0
+    assert r["exact"]
+
+
+def test_streaming_api_errors(stream_base):
+    from lckv.eval.stream import StreamSpecError, parse_stream_spec, streaming_perplexity
+
+    assert parse_stream_spec("sink=4,window=1024") == (4, 1024)
+    assert parse_stream_spec(" window=16 ") == (4, 16)
+    for bad in ["", "sink=4", "window=0", "sink=-1,window=8", "window=8,window=9", "win=8", "sink=4;window=8"]:
+        with pytest.raises(StreamSpecError, match="sink=N,window=M"):
+            parse_stream_spec(bad)
+    with pytest.raises(StreamSpecError, match="chunk"):
+        streaming_perplexity(stream_base, [1, 2, 3], 2, 4, chunk=0)
+    # an upward layout with chunks longer than m+b passes is flagged as approximate
+    r = streaming_perplexity(convert_in_memory(stream_base, "sandwich:2"), list(range(3, 30)), 2, 4, chunk=12)
+    assert not r["exact"]
+
+
+def test_stream_cli_equals_ordinary_ppl_and_reports_memory(tmp_path, tiny_llama_dir, capsys):
+    out = tmp_path / "s"
+    args = ["ppl", "convert:sandwich:2", "--base", str(tiny_llama_dir), "--data", str(DATA / "alice29.txt"),
+            "--max-tokens", "120", "--stream", "sink=4,window=512", "--base-stream-chunk", "7",
+            "--checkpoints", "50", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads((out / "ppl.json").read_text())
+    assert r["stream"] == {"sink": 4, "window": 512, "checkpoints": [50]}
+    assert list(r["models"]) == ["model", "base"]
+    base, tok = load_model(tiny_llama_dir)
+    ids = tokenize(load_text([str(DATA / "alice29.txt")])[0], tok, 120)
+    assert r["data"]["num_tokens"] == 120
+    for role, chunk in (("base", 7), ("model", 1)):
+        s = r["models"][role]["stream"]
+        assert s["chunk"] == chunk and [c["tokens"] for c in s["checkpoints"]] == [50, 120]
+        model = base if role == "base" else convert_in_memory(base, "sandwich:2")
+        assert abs(s["checkpoints"][-1]["loss"] - _sequential_nll(model, ids)) <= 1e-5
+        assert all(c["segment_peak_bytes"] is None or c["segment_peak_bytes"] > 0 for c in s["checkpoints"])
+    assert r["models"]["model"]["num_kv_layers"] == 3 and r["models"]["base"]["num_kv_layers"] == 6
+    md = (out / "ppl.md").read_text()
+    assert "| model | convert:sandwich:2 | 3/6 | 1 | 120 |" in md and "cache bound" in md
+    assert "Streaming perplexity" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra", [["--stream", "sink=4"], ["--stream", "window=x"], ["--stream", "window=8", "--stream-chunk", "0"]]
+)
+def test_stream_cli_errors_are_one_line(tmp_path, tiny_llama_dir, extra, capsys):
+    args = ["ppl", str(tiny_llama_dir), "--data", str(DATA / "alice29.txt"), "--out", str(tmp_path / "o"), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lckv-eval: error:") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_model_needs_base(tmp_path, capsys):
+    args = ["ppl", "convert:sandwich:2", "--data", str(DATA / "alice29.txt"), "--stream", "window=8"]
+    assert main(args + ["--out", str(tmp_path / "o")]) == 2
+    assert "pass --base" in capsys.readouterr().err
