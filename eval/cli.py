@@ -22,6 +22,12 @@ recovery = (loss_converted - loss_model) / (loss_converted - loss_base), per mod
 examples:
   lckv-eval ppl out/finetuned --base bundled:smollm2-135m --converted out/converted --data alice29.txt
   lckv-eval ppl out/lora-adapter --data hub:wikitext:wikitext-2-raw-v1:test --modes iterative,sequential,converge
+streaming (StreamingLLM, docs/streaming.md): --stream sink=4,window=1024 feeds the text through a cache of 4 sink
++ 1024 recent tokens per KV layer and scores every token from that context; ppl, cache bytes and peak memory are
+reported at --checkpoints. convert:LAYOUT converts --base (or --convert-from) in memory; a Llama streams as the
+equal plain LCKV layout. --stream-chunk 1 is exact; larger chunks are faster for the base (see the docs).
+  lckv-eval ppl convert:sandwich:2 --base bundled:smollm2-135m --data kjv.txt --max-tokens 20480 \\
+      --stream sink=4,window=1024 --base-stream-chunk 32
 """
 
 EPILOG_BENCH = """\
