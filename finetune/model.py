@@ -204,7 +204,7 @@ def resolve_dtype(name: str, on_gpu: bool, method: str, deepspeed: bool) -> torc
     return torch.float32
 
 
-def load_student(recipe: Recipe, path: Path, dtype: torch.dtype, device_map: Any = None, half_on_gpu: bool = False):
+def load_student(recipe: Recipe, path: Path, dtype: torch.dtype, device_map: Any = None):
     """The LCKV model to train (4-bit quantized for qlora), with the recipe's pass counts."""
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -228,12 +228,6 @@ def load_student(recipe: Recipe, path: Path, dtype: torch.dtype, device_map: Any
     if lk.backward_passes is not None:
         config.backward_passes = lk.backward_passes
     attn = recipe.model.attn_implementation
-    upward = any(s > i for i, s in enumerate(config.kv_sources))
-    if half_on_gpu and attn == "sdpa" and upward:
-        # seen on an H100 (torch 2.11): CUDA sdpa in bf16 returns NaN gradients for the query rows that see no key
-        # (the first token of a layer reading a layer above); eager attention trains correctly
-        logger.warning("bf16/fp16 on GPU with a layout that reads upward: using eager attention (sdpa gives NaN grads)")
-        attn = "eager"
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "attn_implementation": attn}
     if recipe.method.type == "qlora":
         q = {

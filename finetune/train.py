@@ -519,7 +519,7 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
     if recipe.method.type == "qlora" and ds_config is None:
         device_map = {"": args.device.index or 0} if on_gpu else {"": "cpu"}
     set_seed(recipe.train.seed)  # LoRA initialization draws random numbers: same recipe, same start
-    model = load_student(recipe, ckpt, dtype, device_map, half_on_gpu=on_gpu and precision in ("bf16", "fp16"))
+    model = load_student(recipe, ckpt, dtype, device_map)
     if recipe.routing is not None:
         callbacks = [*(callbacks or []), routing_callback(recipe, model.config, out)]
     model = apply_method(model, recipe, recipe.train.gradient_checkpointing)
