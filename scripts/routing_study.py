@@ -116,8 +116,9 @@ def table(rows: list[dict]) -> str:
         for regime in regimes:
             hit = [r for r in rows if r["regime"] == regime and r["layout"] == name]
             cells.append(f"{hit[0]['ppl']:.2f}" if hit else "-")
-        lines.append(f"| {name if name != 'hand' else 'hand: ' + spec} | {k}/{NUM_LAYERS} | {NUM_LAYERS / k:.1f}x | "
+        lines.append(f"| {name} | {k}/{NUM_LAYERS} | {NUM_LAYERS / k:.2f}x | "
                      + " | ".join(cells) + " |")  # fmt: skip
+    lines.append(f"\nhand = `{HAND}` (layers 0 and 1 own, then groups of five read their first layer)")
     return "\n".join(lines)
 
 
@@ -155,7 +156,7 @@ def main() -> int:
         tag = name.replace(":", "")
         for init in ("mean", "top") if a.top_init else ("mean",):
             m = plain if name == "plain" else reshare(plain, spec, work / f"untrained-{init}-{tag}", init, work)
-            add(f"untrained ({init} init)", name, m, f"untrained-{init}")
+            add(f"untrained ({init} init)", name, m, "untrained-mean" if name == "plain" else f"untrained-{init}")
         m = routed if name == "plain" else reshare(routed, spec, work / f"routing-{tag}", "top", work)
         add("routing-trained", name, m, "routing")
     for name in ("cla:2", "cla:4"):
