@@ -203,7 +203,8 @@ def streaming_perplexity(
         "window": window,
         "chunk": chunk,
         "prefill_mode": prefill_mode if chunk > 1 else "sequential (one token per forward)",
-        "exact": chunk == 1 or not upward or chunk <= passes,
+        "exact": chunk == 1 or not upward or chunk <= passes,  # the chunked function computed without approximation
+        "exact_streamingllm": chunk == 1,  # every prediction sees at most sink + window tokens
         "num_tokens": n,
         "kv_layers": kv_layers,
         "kv_bytes_per_token": bytes_per_token,
