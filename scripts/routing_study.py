@@ -91,14 +91,18 @@ def plot(rows: list[dict], path: Path) -> None:
         pts = sorted((r["kv_reduction"], r["ppl"], r["layout"]) for r in rows if r["regime"] == regime)
         if not pts:
             continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=regime, markersize=7)
+        line = [q for q in pts if q[2] != "hand"]  # the uniform layouts as a line, the hand layout on its own
+        (h,) = ax.plot([q[0] for q in line], [q[1] for q in line], style, label=regime, markersize=7)
+        hand = [q for q in pts if q[2] == "hand"]
+        if hand:
+            ax.plot([q[0] for q in hand], [q[1] for q in hand], "*", color=h.get_color(), markersize=12)
         if regime == "routing-trained":
             for x, y, name in pts:
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, -12), fontsize=8)
     ax.set_xlabel("KV cache reduction (x, vs plain Llama)")
     ax.set_ylabel("perplexity, alice29.txt (held out)")
     ax.set_yscale("log")
-    ax.set_title("SmolLM2-135M: one routing-trained model, many layouts")
+    ax.set_title("SmolLM2-135M: one routing-trained model, many layouts (stars: hand layout)")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
