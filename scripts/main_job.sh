@@ -13,6 +13,8 @@ QUICK=0
 if [ "${1:-}" = "--quick" ]; then QUICK=1; shift; fi
 RUN=${1:-runs/main-job$([ $QUICK = 1 ] && echo -quick)}
 mkdir -p "$RUN"
+# 2 threads on an idle 2-core machine; on a busy one set OMP_NUM_THREADS=1 (OpenMP threads that wait for a
+# busy core made a step 10x slower in our runs)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 SRC=bundled:smollm2-135m
 if [ $QUICK = 1 ]; then
