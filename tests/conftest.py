@@ -82,3 +82,43 @@ def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+# A fresh interpreter that cannot import lckv, as on a machine where only the checkpoint travelled: no site
+# processing (so no editable-install hook), only site-packages on the path (never this repo), an import blocker
+# for our package, and a check that the block holds.
+_NO_LCKV_PRELUDE = """
+import sys
+sys.path[:] = [p for p in sys.path if p and not p.startswith({repo!r})] + {paths!r}
+class _NoLckv:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "lckv":
+            raise ImportError("lckv is blocked in this process")
+sys.meta_path.insert(0, _NoLckv())
+try:
+    import lckv  # noqa: F401
+    sys.exit("lckv is importable")
+except ImportError:
+    pass
+"""
+
+
+def run_without_lckv(script: str, *args, cwd: Path, timeout: int = 300, **env: str):
+    """Run ``script`` (with ``args`` as sys.argv[1:]) where ``import lckv`` fails; returns the CompletedProcess."""
+    import site
+    import subprocess
+    import sys
+    import textwrap
+
+    repo = str(REPO)
+    paths = [p for p in site.getsitepackages() if not p.startswith(repo)]
+    prelude = _NO_LCKV_PRELUDE.format(repo=repo, paths=paths)
+    full_env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(cwd), "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-I", "-S", "-c", prelude + textwrap.dedent(script), *map(str, args)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import run_without_lckv, tiny_llama
 from lckv.convert import ConvertError, append_results, convert_checkpoint
 from lckv.convert.cli import main
 from lckv.convert.measure import peak_rss
@@ -116,17 +116,7 @@ def test_loads_without_lckv_and_matches_sequential_definition(converted, tmp_pat
     """Plain transformers + trust_remote_code in a process where `import lckv` fails: same logits as lckv."""
     script = textwrap.dedent(
         """
-        import importlib.abc, sys
-        class NoLckv(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name == "lckv" or name.startswith("lckv."):
-                    raise ImportError("lckv is blocked in this process")
-        sys.meta_path.insert(0, NoLckv())
-        try:
-            import lckv  # noqa: F401
-            sys.exit("lckv is importable")
-        except ImportError:
-            pass
+        import sys
         import torch
         from transformers import AutoModelForCausalLM
         ids = torch.tensor(%s)
@@ -141,15 +131,8 @@ def test_loads_without_lckv_and_matches_sequential_definition(converted, tmp_pat
         % IDS.tolist()
     )
     folders = [str(converted[s]) for s in LAYOUTS]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    res = subprocess.run(
-        [sys.executable, "-I", "-c", script, str(tmp_path / "logits.pt"), *folders],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    res = run_without_lckv(
+        script, tmp_path / "logits.pt", *folders, cwd=tmp_path, HF_MODULES_CACHE=str(tmp_path / "modules")
     )
     assert res.returncode == 0, res.stderr[-3000:]
     remote = torch.load(tmp_path / "logits.pt")

@@ -4,13 +4,9 @@ both attention backends."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
-from conftest import REPO, tiny_llama
+from conftest import run_without_lckv, tiny_llama
 from reference import reference_logits
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
@@ -279,51 +275,19 @@ def test_remote_code_loads_without_lckv_installed(base, tmp_path):
     with torch.no_grad():
         expected = model(ids, prefill_mode="sequential").logits
     torch.save({"ids": ids, "expected": expected}, tmp_path / "io.pt")
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, sys, torch
-        try:
-            import lckv  # noqa: F401
-            raise SystemExit("lckv must not be importable here")
-        except ImportError:
-            pass
-        from transformers import AutoModelForCausalLM
-        m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, trust_remote_code=True).eval()
-        io = torch.load({str(tmp_path / "io.pt")!r})
-        with torch.no_grad():
-            got = m(io["ids"], prefill_mode="sequential").logits
-            out = m.generate(io["ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
-        diff = (got - io["expected"]).abs().max().item()
-        assert diff <= 1e-5, diff
-        print("OK", type(m).__name__, out.shape[1], diff)
-        """
-    )
-    # A fresh interpreter that cannot import lckv: no site processing (so no editable-install hook), only the
-    # site-packages folders on the path, an import blocker for our package names, and a cwd outside the repo.
-    import site
-
-    repo = str(REPO)
-    paths = [p for p in site.getsitepackages() if not p.startswith(repo)]
-    prelude = textwrap.dedent(
-        f"""
-        import sys
-        sys.path[:] = [p for p in sys.path if p and not p.startswith({repo!r})] + {paths!r}
-        class _Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "lckv":
-                    raise ImportError("lckv is blocked in this test")
-        sys.meta_path.insert(0, _Block())
-        """
-    )
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
-    res = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", prelude + script],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    script = f"""
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, trust_remote_code=True).eval()
+io = torch.load({str(tmp_path / "io.pt")!r})
+with torch.no_grad():
+    got = m(io["ids"], prefill_mode="sequential").logits
+    out = m.generate(io["ids"], max_new_tokens=3, do_sample=False, pad_token_id=0)
+diff = (got - io["expected"]).abs().max().item()
+assert diff <= 1e-5, diff
+print("OK", type(m).__name__, out.shape[1], diff)
+"""
+    res = run_without_lckv(script, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "OK LCKVLlamaForCausalLM 10" in res.stdout
 
