@@ -605,6 +605,7 @@ def run(recipe: Recipe, callbacks: list | None = None) -> dict[str, Any]:
         train_loss_last=train_logs[-1]["loss"] if train_logs else None,
         train_loss_mean=train_out.training_loss,
         train_losses=[(h["step"], h["loss"]) for h in train_logs],
+        eval_ppls=[(h["step"], h["eval_ppl"]) for h in trainer.state.log_history if "eval_ppl" in h],
         train_time_s=round(train_time, 1),
         s_per_step=_median_step_time(trainer.state.log_history)
         or (round(train_time / steps_now, 3) if steps_now else None),

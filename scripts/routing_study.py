@@ -1,17 +1,17 @@
 """Random cross-layer routing study on the bundled SmolLM2-135M (issue 7; results in docs/routing.md).
 
 Trains, with the same budget (steps x batch x block), one LoRA model with random KV routing on a plain conversion
-and one LoRA model for the fixed layout cla:2; then scores held-out perplexity (alice29.txt, never trained on) with
+and one LoRA model for each fixed layout; then scores held-out perplexity (alice29.txt, never trained on) with
 ``lckv-eval ppl`` for several downward layouts:
 
 - untrained: the plain conversion reshared to each layout (``--kv-init mean``: the converter's training-free
   default, and ``top``: the dropped layers' projections simply removed),
 - routing-trained: the one trained model reshared to each layout (``lckv-convert --reshare``, no training),
-- cla:2-trained: only the layouts whose KV layers it still has (cla:2, cla:4).
+- trained for this layout: a separate fine-tune per layout (converted with ``mean`` init, no routing).
 
 Every step is skipped when its output exists, so a rerun only redraws the table and plot::
 
-    python scripts/routing_study.py --work runs/routing-study --steps 40
+    python scripts/routing_study.py --steps 48
 """
 
 from __future__ import annotations
@@ -20,62 +20,20 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from study import ROOT, finetune, logger, ppl, reshare
 
 from lckv.layout import kv_layers, parse_layout
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2-135m-routing-lora.yaml"
-ALICE = Path("/work/shared/data/text/alice29.txt")
 NUM_LAYERS = 30
 # hand-written: layers 0 and 1 keep their own KVs (the first layers differ most), then groups of five share the
 # first layer of the group: 8 KV layers of 30, as many as cla:4 but placed unevenly
 HAND = "0,1," + ",".join(str(2 + 5 * ((i - 2) // 5)) for i in range(2, NUM_LAYERS))
 LAYOUTS = {"plain": "plain", "cla:2": "cla:2", "cla:3": "cla:3", "cla:4": "cla:4", "hand": HAND}
-
-logger = logging.getLogger("routing_study")
-
-
-def sh(cmd: list[str], log: Path) -> None:
-    """Run a command, its output into a log file; raise with the log's tail on failure."""
-    logger.info("$ %s", " ".join(cmd))
-    t0 = time.time()
-    with log.open("w") as f:
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if code != 0:
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise SystemExit(f"command failed ({code}), see {log}:\n{tail}")
-    logger.info("  done in %.0f s", time.time() - t0)
-
-
-def finetune(work: Path, name: str, overrides: list[str]) -> Path:
-    out = work / name
-    model = out / "model"
-    if not (model / "config.json").is_file():
-        sh([sys.executable, "finetune/run.py", str(RECIPE), f"output.dir={out}", *overrides], work / f"{name}.log")
-    return model
-
-
-def reshare(src: Path, layout: str, dest: Path, kv_init: str, work: Path) -> Path:
-    if not (dest / "config.json").is_file():
-        cmd = ["lckv-convert", str(src), "--reshare", "--warmup", layout, "-o", str(dest), "--kv-init", kv_init,
-               "--no-check"]  # fmt: skip
-        sh(cmd, work / f"{dest.name}.log")
-    return dest
-
-
-def ppl(model: Path, out: Path, tokens: int, work: Path) -> float:
-    report = out / "ppl.json"
-    if not report.is_file():
-        cmd = ["lckv-eval", "ppl", str(model), "--data", str(ALICE), "--max-tokens", str(tokens), "--window", "256",
-               "--modes", "iterative", "--kv-windows", "0", "--threads", "2", "--out", str(out), "--overwrite", "-q"]  # fmt: skip
-        sh(cmd, work / f"{out.name}.log")
-    data = json.loads(report.read_text())
-    (res,) = data["models"].values()
-    return float(res["modes"]["iterative"]["ppl"])
+REGIMES = ["untrained (mean init)", "untrained (top init)", "routing-trained", "trained for this layout"]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -85,8 +43,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"untrained (mean init)": "s--", "untrained (top init)": "x:", "routing-trained": "o-",
-              "cla:2-trained": "D"}  # fmt: skip
+    styles = dict(zip(REGIMES, ("s--", "x:", "o-", "D-")))
     for regime, style in styles.items():
         pts = sorted((r["kv_reduction"], r["ppl"], r["layout"]) for r in rows if r["regime"] == regime)
         if not pts:
@@ -110,7 +67,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    regimes = ["untrained (mean init)", "untrained (top init)", "routing-trained", "cla:2-trained"]
+    regimes = [g for g in REGIMES if any(r["regime"] == g for r in rows)]
     head = "| layout | KV layers | KV reduction | " + " | ".join(regimes) + " |"
     lines = [head, "|" + "---|" * (3 + len(regimes))]
     for name, spec in LAYOUTS.items():
@@ -129,48 +86,55 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="runs/routing-study", help="folder for models, logs and reports")
-    p.add_argument("--steps", type=int, default=16, help="LoRA steps of each fine-tune (same budget for both)")
+    p.add_argument("--steps", type=int, default=16, help="LoRA steps of each fine-tune (the same budget for all)")
     p.add_argument("--tokens", type=int, default=2048, help="alice29.txt tokens scored (256-token windows)")
     p.add_argument("--top-init", action="store_true", help="also score the untrained model reshared with top init")
     p.add_argument("--docs", default="docs/routing", help="where the JSON and the plot go")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
-    work = (ROOT / a.work).resolve()
+    root = (ROOT / a.work).resolve()
+    work = root / f"steps-{a.steps}"  # the trained models and their scores; the untrained ones are shared
     work.mkdir(parents=True, exist_ok=True)
     docs = ROOT / a.docs
     docs.mkdir(parents=True, exist_ok=True)
 
     common = [f"train.max_steps={a.steps}", "eval.report=false", "eval.steps=null", "eval.before=false",
               "train.save_steps=1000", "train.logging_steps=5"]  # fmt: skip
-    routed = finetune(work, "routing", common)
-    fixed = finetune(work, "cla2", [*common, "routing=null", "model.warmup=cla:2", "model.kv_init=mean"])
-    plain = work / "routing" / "converted"  # the untrained plain conversion the routing run started from
+    runs = {"routing": finetune(RECIPE, work, "routing", common)}
+    for name, spec in LAYOUTS.items():
+        if name != "plain":
+            fixed = [*common, "routing=null", f"model.warmup={spec}", "model.kv_init=mean"]
+            runs[name] = finetune(RECIPE, work, "fixed-" + name.replace(":", ""), fixed)
+    plain = runs["routing"] / "converted"  # the untrained plain conversion the routing run started from
 
     rows: list[dict] = []
 
-    def add(regime: str, name: str, model: Path, tag: str) -> None:
+    def add(regime: str, name: str, model: Path, out: Path) -> None:
         ks = parse_layout(LAYOUTS[name], NUM_LAYERS)
-        value = ppl(model, work / f"ppl-{tag}-{name.replace(':', '')}", a.tokens, work)
+        value = ppl(model, out, a.tokens, out.parent)
         rows.append({"regime": regime, "layout": name, "kv_sources": ks, "kv_layers": len(kv_layers(ks)),
                      "kv_reduction": NUM_LAYERS / len(kv_layers(ks)), "ppl": value})  # fmt: skip
-        logger.info("%-22s %-6s ppl %.3f", regime, name, value)
+        logger.info("%-24s %-6s ppl %.3f", regime, name, value)
 
     for name, spec in LAYOUTS.items():
         tag = name.replace(":", "")
         for init in ("mean", "top") if a.top_init else ("mean",):
-            m = plain if name == "plain" else reshare(plain, spec, work / f"untrained-{init}-{tag}", init, work)
-            add(f"untrained ({init} init)", name, m, "untrained-mean" if name == "plain" else f"untrained-{init}")
-        m = routed if name == "plain" else reshare(routed, spec, work / f"routing-{tag}", "top", work)
-        add("routing-trained", name, m, "routing")
-    for name in ("cla:2", "cla:4"):
-        m = fixed if name == "cla:2" else reshare(fixed, LAYOUTS[name], work / "cla2-cla4", "top", work)
-        add("cla:2-trained", name, m, "cla2")
+            m = plain if name == "plain" else reshare(plain, spec, root / f"untrained-{init}-{tag}", init, root)
+            add(
+                f"untrained ({init} init)", name, m, root / f"ppl-untrained-{'mean' if name == 'plain' else init}-{tag}"
+            )
+        m = runs["routing"] / "model"
+        if name != "plain":
+            m = reshare(m, spec, work / f"routing-{tag}", "top", work)
+        add("routing-trained", name, m, work / f"ppl-routing-{tag}")
+        if name != "plain":
+            add("trained for this layout", name, runs[name] / "model", work / f"ppl-fixed-{tag}")
 
-    runs = {k: json.loads((work / k / "results.json").read_text()) for k in ("routing", "cla2")}
+    results = {k: json.loads((r / "results.json").read_text()) for k, r in runs.items()}
     budget = {k: {f: r.get(f) for f in ("steps", "tokens_seen", "train_time_s", "s_per_step", "eval_ppl_after",
-                                        "train_loss_last")} for k, r in runs.items()}  # fmt: skip
-    draws = [json.loads(x) for x in (work / "routing" / "routing_log.jsonl").read_text().splitlines()]
+                                        "train_loss_last")} for k, r in results.items()}  # fmt: skip
+    draws = [json.loads(x) for x in (runs["routing"] / "routing_log.jsonl").read_text().splitlines()]
     shared = [sum(s != i for i, s in enumerate(d["kv_sources"])) for d in draws]
     summary = {"steps": a.steps, "tokens": a.tokens, "layouts": LAYOUTS, "budget": budget, "rows": rows,
                "routing_draws": len(draws), "mean_shared_layers_per_draw": sum(shared) / max(len(shared), 1)}  # fmt: skip
