@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The main job end to end on the bundled real model (SmolLM2-135M-Instruct, 30 layers):
 #   1. convert it to sandwich:2 (3 of 30 layers cache KVs: 90 % smaller KV cache),
-#   2. fine-tune it with recipes/smollm2-135m-sandwich2-lora.yaml,
+#   2. repair it with recipes/smollm2-135m-sandwich2-distill.yaml (LoRA, distillation from the original model),
 #   3. evaluate base / converted / fine-tuned perplexity on alice29.txt (never trained on) and the serving cost.
 # Usage: bash scripts/main_job.sh [--quick] [RUN_DIR]
-#   full:    80 LoRA steps, 4096 tokens of alice29, bench with a 4 GB max-batch search (~30 min on 2 idle cores)
+#   full:    240 LoRA steps, 4096 tokens of alice29, bench with a 4 GB max-batch search (< 45 min on 2 idle cores)
 #   --quick: 16 steps, 1024 tokens, a small bench grid (~5 min on 2 idle cores); the perplexity still falls
 # Re-running continues: the conversion is kept and fine-tuning resumes from its last checkpoint.
 set -euo pipefail
@@ -26,8 +26,8 @@ fi
 echo "== 1/4 convert $SRC -> $RUN/converted (sandwich:2)"
 [ -d "$RUN/converted" ] || lckv-convert "$SRC" --warmup sandwich:2 -o "$RUN/converted" --no-check
 
-echo "== 2/4 fine-tune (recipes/smollm2-135m-sandwich2-lora.yaml)"
-python finetune/run.py recipes/smollm2-135m-sandwich2-lora.yaml \
+echo "== 2/4 fine-tune (recipes/smollm2-135m-sandwich2-distill.yaml)"
+python finetune/run.py recipes/smollm2-135m-sandwich2-distill.yaml \
   model.path="$RUN/converted" model.warmup=null model.kv_init=null output.dir="$RUN/finetuned" $FT_EXTRA
 
 echo "== 3/4 perplexity on alice29.txt (held out): base vs converted vs fine-tuned"
