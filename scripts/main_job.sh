@@ -4,7 +4,7 @@
 #   2. repair it with recipes/smollm2-135m-sandwich2-distill.yaml (LoRA, distillation from the original model),
 #   3. evaluate base / converted / fine-tuned perplexity on alice29.txt (never trained on) and the serving cost.
 # Usage: bash scripts/main_job.sh [--quick] [RUN_DIR]
-#   full:    240 LoRA steps, 4096 tokens of alice29, bench with a 4 GB max-batch search (< 45 min on 2 idle cores)
+#   full:    200 LoRA steps, 4096 tokens of alice29, bench with a 4 GB max-batch search (< 45 min on 2 idle cores)
 #   --quick: 16 steps, 1024 tokens, a small bench grid (~5 min on 2 idle cores); the perplexity still falls
 # Re-running continues: the conversion is kept and fine-tuning resumes from its last checkpoint.
 set -euo pipefail
