@@ -98,20 +98,21 @@ def tables(rows: list[dict], base: float, plain_step: float | None) -> str:
         step = r.get("s_per_step")
         cost = f"{step:.2f} ({step / plain_step:.2f}x)" if plain_step and step else f"{step or 0:.2f}"
         return (f"| {label} | {r['kv_layers']}/{NUM_LAYERS} ({r['kv_reduction']:.1f}x) | {r['ppl_converted']:,.1f} | "
-                f"{r['ppl_finetuned']:,.1f} | {r['ppl_finetuned'] / base:.2f}x | {rec:.2f} | "
+                f"{r['ppl_finetuned']:,.1f} | {r['ppl_finetuned'] / base:.2f}x | {'-' if math.isnan(rec) else f'{rec:.2f}'} | "
                 f"{cost} |")  # fmt: skip
 
     head = ("| run | KV layers (reduction) | converted ppl | fine-tuned ppl | vs base | loss recovery | s/step "
             "(vs plain) |\n|---|---|---|---|---|---|---|")  # fmt: skip
+    method = {"sandwich2": "LoRA, LM", "sandwich2-distill": "LoRA, distill", "sandwich2-full": "full, LM",
+              "sandwich2-full-distill": "full, distill"}  # fmt: skip
+    passes = {"plain": "plain layout (Llama's compute)", "sandwich2-7+2": "sandwich:2, m+b = 7+2"}
     sections = {
         "layout": ("Layout trade-off (LoRA, LM loss, m+b = 3+1, `mean` init)", lambda r: r["layout"]),
         "loss": ("LM loss vs distillation (sandwich:2, LoRA)", lambda r: "distill" if "distill" in r["name"] else "LM"),
         "init": ("KV initialisation (sandwich:2, LoRA, LM)", lambda r: "top" if "topinit" in r["name"] else "mean"),
-        "method": ("LoRA vs full fine-tuning (sandwich:2)", lambda r: r["name"].removeprefix("sandwich2-")),
-        "passes": ("Iterative training cost (LoRA, LM)", lambda r: {"plain": "plain layout (Llama's compute)",
-                                                                  "sandwich2-7+2": "sandwich:2, m+b = 7+2"}.get(
-                                                                      r["name"], "sandwich:2, m+b = 3+1")),
-    }  # fmt: skip
+        "method": ("LoRA vs full fine-tuning (sandwich:2)", lambda r: method.get(r["name"], r["name"])),
+        "passes": ("Iterative training cost (LoRA, LM)", lambda r: passes.get(r["name"], "sandwich:2, m+b = 3+1")),
+    }
     out = [f"Base model (no sharing, not fine-tuned): **{base:.2f}** on the same tokens.\n"]
     for key, (title, label) in sections.items():
         hits = [r for r in rows if key in r["groups"]]

@@ -55,3 +55,26 @@ def test_routing_study_fixed_runs_are_valid_recipes(scripts):
         r = load_recipe(study.RECIPE, ["routing=null", f"model.warmup={spec}", "model.kv_init=mean"])
         assert r.routing is None
         assert parse_layout(r.model.warmup, 30) == parse_layout(spec, 30)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_main_job_chain(quick, tmp_path):
+    """The main job's command chain (--dry-run prints it): the four real tools, a valid fine-tuning recipe."""
+    import shlex
+    import subprocess
+
+    args = ["bash", str(REPO / "scripts" / "main_job.sh"), "--dry-run", *(["--quick"] if quick else []), str(tmp_path)]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    cmds = [shlex.split(line[2:]) for line in out.splitlines() if line.startswith("+ ")]
+    assert [c[0] for c in cmds] == ["lckv-convert", "python", "lckv-eval", "lckv-eval"]
+    assert cmds[0][1:4] == ["bundled:smollm2-135m", "--warmup", "sandwich:2"]
+    assert cmds[2][1] == "ppl" and cmds[3][1] == "bench"
+    assert not any(tmp_path.iterdir())  # a dry run writes nothing
+    recipe, overrides = cmds[1][2], cmds[1][3:]
+    (tmp_path / "converted").mkdir()  # stands in for step 1's output, which the recipe check requires to exist
+    r = load_recipe(REPO / recipe, overrides)
+    assert r.loss.type == "distill" and r.loss.teacher == "bundled:smollm2-135m"
+    assert r.train.max_steps == (16 if quick else 200)
+    assert r.output.dir == str(tmp_path / "finetuned")
+    bad = subprocess.run(["bash", str(REPO / "scripts" / "main_job.sh"), "--bogus"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
