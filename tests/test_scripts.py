@@ -8,10 +8,10 @@ import math
 import sys
 
 import pytest
-from lckv.finetune.recipe import load_recipe
-from lckv.layout import parse_layout
-
 from conftest import REPO
+from lckv.finetune.recipe import load_recipe
+
+from lckv.layout import parse_layout
 
 
 @pytest.fixture(scope="module")
