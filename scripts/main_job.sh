@@ -5,7 +5,7 @@
 #   3. evaluate base / converted / fine-tuned perplexity on alice29.txt (never trained on) and the serving cost.
 # Usage: bash scripts/main_job.sh [--quick] [--dry-run] [RUN_DIR]
 #   full:      200 LoRA steps, 4096 tokens of alice29, bench with a 4 GB max-batch search (< 45 min on 2 idle cores)
-#   --quick:   16 steps, 1024 tokens, a small bench grid (< 5 min on 2 idle cores); the perplexity still falls
+#   --quick:   12 steps, 1024 tokens, a small bench grid (< 5 min on 2 idle cores); the perplexity still falls
 #   --dry-run: print the commands without running them
 # Re-running continues: the conversion is kept and fine-tuning resumes from its last checkpoint.
 set -euo pipefail
@@ -27,11 +27,11 @@ run() { if [ $DRY = 1 ]; then echo "+ $*"; else "$@"; fi; }
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 SRC=bundled:smollm2-135m
 if [ $QUICK = 1 ]; then
-  EVAL_TOKENS=1024
-  FT_EXTRA=(train.max_steps=16 train.save_steps=8 eval.before=false eval.steps=null eval.report=false)
-  BENCH=(--batch-sizes 1,4 --lengths 256 --prompt-len 128 --repeats 1 --skip maxbatch)
+  EVAL_TOKENS=1024; PPL=(--kv-windows 0)
+  FT_EXTRA=(train.max_steps=12 train.save_steps=6 eval.before=false eval.steps=null eval.report=false)
+  BENCH=(--batch-sizes 1,4 --lengths 256 --prompt-len 128 --repeats 1 --skip maxbatch --ttft-modes iterative)
 else
-  EVAL_TOKENS=4096
+  EVAL_TOKENS=4096; PPL=(--kv-windows 1)
   FT_EXTRA=(eval.report=false)
   BENCH=(--batch-sizes 1,8 --lengths 256 --budget-gb 4 --budget-length 1024 --prompt-len 512 --repeats 1)
 fi
@@ -45,7 +45,7 @@ run python finetune/run.py recipes/smollm2-135m-sandwich2-distill.yaml \
 
 echo "== 3/4 perplexity on alice29.txt (held out): base vs converted vs fine-tuned"
 run lckv-eval ppl "$RUN/finetuned/model" --base "$SRC" --converted "$RUN/converted" \
-  --data tests/data/alice29.txt --max-tokens $EVAL_TOKENS --modes iterative --out "$RUN/ppl" --overwrite
+  --data tests/data/alice29.txt --max-tokens $EVAL_TOKENS --modes iterative "${PPL[@]}" --out "$RUN/ppl" --overwrite
 
 echo "== 4/4 serving cost: KV bytes/token, decode throughput, max batch in 4 GB, TTFT"
 run lckv-eval bench "$SRC" "$RUN/finetuned/model" --out "$RUN/bench" --overwrite "${BENCH[@]}"

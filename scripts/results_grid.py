@@ -141,7 +141,9 @@ def plot(rows: list[dict], base: float, docs: Path) -> None:
     ax.axhline(base, color="grey", ls="--", label=f"base ({base:.1f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("KV cache reduction (x, vs the base model)")
+    ax.set_xticks([2, 3, 4, 6, 10], labels=["2x", "3x", "4x", "6x", "10x"], minor=False)
+    ax.set_xticks([], minor=True)
+    ax.set_xlabel("KV cache reduction (vs the base model)")
     ax.set_ylabel("perplexity, alice29.txt (held out)")
     steps = rows[0]["steps"] if rows else 0
     ax.set_title(f"SmolLM2-135M: layout vs perplexity after {steps} LoRA steps")

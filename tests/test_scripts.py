@@ -74,7 +74,7 @@ def test_main_job_chain(quick, tmp_path):
     (tmp_path / "converted").mkdir()  # stands in for step 1's output, which the recipe check requires to exist
     r = load_recipe(REPO / recipe, overrides)
     assert r.loss.type == "distill" and r.loss.teacher == "bundled:smollm2-135m"
-    assert r.train.max_steps == (16 if quick else 200)
+    assert r.train.max_steps == (12 if quick else 200)
     assert r.output.dir == str(tmp_path / "finetuned")
     bad = subprocess.run(["bash", str(REPO / "scripts" / "main_job.sh"), "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
