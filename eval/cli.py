@@ -246,7 +246,7 @@ def ppl_command(args: argparse.Namespace) -> int:
     from .models import load_model
     from .plots import kv_convergence_plot
     from .ppl import evaluate_model, kv_convergence, recovery
-    from .report import environment, prepare_out_dir, to_json, write_outputs
+    from .report import prepare_out_dir, to_json, write_outputs
 
     stride = args.stride or args.window
     if args.batch_size < 1:
@@ -294,25 +294,15 @@ def ppl_command(args: argparse.Namespace) -> int:
 
     rec = recovery(results["model"], results["base"], results.get("converted")) if "base" in results else None
     windows = make_windows(len(tokens), args.window, stride)
-    result = {
-        "command": "ppl",
-        "argv": args.argv,
-        "environment": environment(args.device),
-        "data": {
-            "sources": sources,
-            "num_tokens": len(tokens),
-            "window": args.window,
-            "stride": stride,
-            "max_tokens": args.max_tokens,
-            "num_windows": len(windows),
-            "scored_tokens": sum(w.num_scored for w in windows),
-            "scoring": "windows [begin, begin+window), begin = 0, stride, ...; each window scores positions "
-            "max(begin+1, previous window end) .. end-1 given its earlier tokens; no special tokens added",
-        },
-        "models": results,
-        "recovery": rec,
-        "kv_convergence": convergence or None,
+    data = {
+        "window": args.window,
+        "stride": stride,
+        "num_windows": len(windows),
+        "scored_tokens": sum(w.num_scored for w in windows),
+        "scoring": "windows [begin, begin+window), begin = 0, stride, ...; each window scores positions "
+        "max(begin+1, previous window end) .. end-1 given its earlier tokens; no special tokens added",
     }
+    result = ppl_report(args, sources, tokens, data, models=results, recovery=rec, kv_convergence=convergence or None)
     md = ppl_markdown(result)
     files: dict[str, Any] = {"ppl.json": to_json(result), "ppl.md": md}
     plot = kv_convergence_plot(convergence)
@@ -324,12 +314,28 @@ def ppl_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def ppl_report(
+    args: argparse.Namespace, sources: list[str], tokens: list[int], data: dict[str, Any], **sections
+) -> dict:
+    """The ppl.json document, shared by windowed and streaming perplexity: command, argv, environment, data, sections."""
+    from .report import environment
+
+    head = {"sources": sources, "num_tokens": len(tokens), "max_tokens": args.max_tokens}
+    return {
+        "command": "ppl",
+        "argv": args.argv,
+        "environment": environment(args.device),
+        "data": {**head, **data},
+        **sections,
+    }
+
+
 def stream_command(args: argparse.Namespace) -> int:
     """``lckv-eval ppl --stream``: streaming perplexity and memory for the model (and --base side by side)."""
     from .data import load_text, tokenize
     from .models import convert_in_memory, load_model
     from .ppl import describe_model
-    from .report import environment, prepare_out_dir, to_json, write_outputs
+    from .report import prepare_out_dir, to_json, write_outputs
     from .stream import StreamSpecError, parse_stream_spec, streaming_perplexity
 
     sink, window = parse_stream_spec(args.stream)
@@ -392,22 +398,12 @@ def stream_command(args: argparse.Namespace) -> int:
             del model
         gc.collect()
     ordered = {r: results[r] for r in ("model", "base", "converted") if r in results}
-    result = {
-        "command": "ppl",
-        "argv": args.argv,
-        "environment": environment(args.device),
-        "data": {
-            "sources": sources,
-            "num_tokens": len(tokens),
-            "max_tokens": args.max_tokens,
-            "scoring": "streaming: tokens fed in order through a sink + window cache, --stream-chunk per forward; "
-            "token t+1 scored from the logits of token t; no special tokens added",
-        },
-        "stream": {"sink": sink, "window": window, "checkpoints": args.checkpoints},
-        "models": ordered,
-        "recovery": None,
-        "kv_convergence": None,
+    data = {
+        "scoring": "streaming: tokens fed in order through a sink + window cache, --stream-chunk per forward; "
+        "token t+1 scored from the logits of token t; no special tokens added",
     }
+    stream = {"sink": sink, "window": window, "checkpoints": args.checkpoints}
+    result = ppl_report(args, sources, tokens, data, stream=stream, models=ordered, recovery=None, kv_convergence=None)
     md = stream_markdown(result)
     write_outputs(out_dir, {"ppl.json": to_json(result), "ppl.md": md})
     print(md)
